@@ -1,0 +1,32 @@
+# Entry points. `make run` and `make test` work on a fresh Debian 12 machine (as root).
+.PHONY: run test lint unit sanity vm e2e proto deploy bench clean
+
+run:  ## install what is needed and run the driver on its embedded default
+	scripts/run.sh
+
+test:  ## install what is needed and run the whole test suite (all lanes)
+	scripts/test.sh
+
+lint:
+	scripts/install-python.sh && scripts/lint.sh
+
+unit:
+	scripts/install-python.sh && .venv/bin/pytest -q tests/unit
+
+sanity:
+	CSI_TEST_LANES=host scripts/install-python.sh && .venv/bin/pytest -q tests/sanity
+
+vm:
+	scripts/install-python.sh && scripts/test-vm.sh
+
+e2e:
+	scripts/install-python.sh && scripts/test-e2e.sh
+
+proto:
+	scripts/gen-proto.sh
+
+deploy:
+	scripts/render-deploy.sh
+
+clean:
+	rm -rf .data .venv .pytest_cache

@@ -1,0 +1,88 @@
+"""The one interface every storage backend implements. Servicers never ask which one they hold."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from csi_driver.model import Attachment, Snapshot, Volume, VolumeCondition, VolumeSpec
+
+
+class Backend(Protocol):
+    """Node-local volumes and snapshots.
+
+    Methods raise :class:`csi_driver.errors.CsiError` subclasses with the CSI code to return.
+    Volume and snapshot ids passed in have already been checked for syntax by the servicer,
+    but the backend still owns the mapping from id to storage and must not trust it further.
+    """
+
+    #: the value of ``max_volumes_per_node`` in NodeGetInfo (0 = no limit)
+    max_volumes_per_node: int
+
+    def health(self) -> str | None:
+        """None when ready, else a short reason (Probe answers not ready with it)."""
+
+    def validate_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
+        """Check StorageClass parameters (a closed set) and return them normalised.
+
+        ``csi.storage.k8s.io/*`` keys are already removed. Unknown keys or bad values raise
+        InvalidArgument.
+        """
+
+    def supported_fs_types(self) -> Sequence[str]:
+        """Filesystems a mount volume may ask for; the first one is the default."""
+
+    def round_size(self, size_bytes: int, parameters: Mapping[str, str]) -> int:
+        """The size the backend would really allocate for a request of ``size_bytes``."""
+
+    def create_volume(self, spec: VolumeSpec) -> Volume:
+        """Create, or return the existing volume of the same name if compatible.
+
+        AlreadyExists for an incompatible volume of the same name; NotFound for a missing
+        content source; ResourceExhausted when there is no room.
+        """
+
+    def delete_volume(self, volume_id: str) -> None:
+        """Delete; succeed when the volume does not exist. FailedPrecondition if it has snapshots
+        that depend on it and the backend cannot delete it yet."""
+
+    def get_volume(self, volume_id: str) -> Volume | None: ...
+
+    def list_volumes(self) -> Sequence[Volume]:
+        """All volumes, sorted by id (pagination is the servicer's)."""
+
+    def capacity(self, parameters: Mapping[str, str]) -> int:
+        """Bytes available for new volumes with these (validated) parameters."""
+
+    def expand_volume(self, volume_id: str, size_bytes: int) -> Volume:
+        """Grow the volume to at least ``size_bytes``; a no-op when already that big."""
+
+    def set_published(self, volume_id: str, node_id: str, published: bool) -> None:
+        """Record ControllerPublish state (shown by ListVolumes)."""
+
+    def create_snapshot(
+        self, name: str, source_volume_id: str, parameters: Mapping[str, str]
+    ) -> Snapshot:
+        """Create, or return the same-named snapshot of the same source; AlreadyExists when
+        the name is taken by a snapshot of another volume."""
+
+    def delete_snapshot(self, snapshot_id: str) -> None: ...
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot | None: ...
+
+    def list_snapshots(self) -> Sequence[Snapshot]:
+        """All snapshots, sorted by id."""
+
+    def volume_condition(self, volume_id: str) -> VolumeCondition: ...
+
+    # --- node side -------------------------------------------------------------
+
+    def attach(self, volume_id: str) -> Attachment:
+        """Make the volume usable on this node (activate an LV, attach a loop device) and say
+        what to mount or bind. Idempotent."""
+
+    def detach(self, volume_id: str) -> None:
+        """Undo :meth:`attach`; succeed when not attached or the volume is gone."""
+
+    def refresh_attachment(self, volume_id: str) -> None:
+        """After a resize: make the attached device show the new size (e.g. ``losetup -c``)."""

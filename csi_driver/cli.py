@@ -1,0 +1,165 @@
+"""Command line: every flag has an environment twin ``CSI_DRIVER_<FLAG>``; parsed once into Config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from csi_driver import DEFAULT_DRIVER_NAME, __version__
+from csi_driver.config import (
+    BackendKind,
+    Config,
+    HostPathConfig,
+    LogFormat,
+    LvmConfig,
+    Mode,
+    parse_endpoint,
+)
+from csi_driver.ids import NODE_ID_RE
+from csi_driver.units import parse_bytes
+
+ENV_PREFIX = "CSI_DRIVER_"
+DEFAULT_ENDPOINT = "unix:///run/nodelocal-csi/csi.sock"
+DEFAULT_HOSTPATH_ROOT = "/var/lib/nodelocal-csi/hostpath"
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _bytes(value: str) -> int:
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csi-driver",
+        description=(
+            "Kubernetes CSI driver for node-local persistent volumes (lvm and hostpath backends)."
+            f" Every flag can also be set through its environment variable {ENV_PREFIX}<FLAG>,"
+            " e.g. CSI_DRIVER_NODE_ID; a flag given on the command line wins."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def add(flag: str, help_text: str, default: object = None, **kw: object) -> None:
+        env_name = _env_name(flag)
+        value = env.get(env_name, default)
+        parser.add_argument(flag, default=value, help=f"{help_text} [env {env_name}]", **kw)  # type: ignore[arg-type]
+
+    add("--endpoint", "gRPC endpoint: unix:///path/csi.sock (tcp://127.0.0.1:PORT only for debugging)",
+        DEFAULT_ENDPOINT)
+    add("--node-id", "this node's id (default: $NODE_NAME, else the hostname)",
+        env.get("NODE_NAME") or socket.gethostname())
+    add("--driver-name", "CSI driver name (reverse-DNS)", DEFAULT_DRIVER_NAME)
+    add("--mode", "standalone: Identity, Controller and Node in one process; node: the per-node"
+        " plugin (also provisions this node's volumes); controller: ControllerPublish/Unpublish only",
+        Mode.STANDALONE.value, choices=[m.value for m in Mode])
+    add("--backend", "storage backend", BackendKind.HOSTPATH.value,
+        choices=[b.value for b in BackendKind])
+    add("--hostpath-root", "hostpath backend: directory holding volumes, snapshots and state.db",
+        DEFAULT_HOSTPATH_ROOT)
+    add("--hostpath-capacity", "hostpath backend: bytes offered (suffixes like Gi allowed;"
+        " default: the free space of the root's filesystem)", None, type=_bytes)
+    add("--lvm-config", "lvm backend: device classes file (YAML or JSON), see docs/lvm.md", None)
+    add("--lvm-volume-group", "lvm backend: a single default linear device class on this VG", None)
+    add("--lvm-nsenter", "lvm backend: run lvm2 in the host's mount namespace through nsenter"
+        " (for a containerised driver with the host's /proc)", False, type=_bool, nargs="?",
+        const=True)
+    add("--lvm-udev-sync", "lvm backend: wait for udev to create device nodes", True, type=_bool,
+        nargs="?", const=True)
+    add("--max-volumes-per-node", "reported in NodeGetInfo; 0 means no limit", 0, type=int)
+    add("--grace-period", "seconds in-flight RPCs get to finish on SIGTERM", 10.0, type=float)
+    add("--metrics-address", "serve Prometheus /metrics and /healthz on HOST:PORT (off when empty)",
+        None)
+    add("--log-format", "log format", LogFormat.TEXT.value, choices=[f.value for f in LogFormat])
+    add("--log-level", "log level", "INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    # Values from the environment arrive as strings: run them through the flag's type.
+    for action in parser._actions:  # noqa: SLF001 (argparse has no public accessor)
+        if action.dest in vars(args) and isinstance(getattr(args, action.dest), str):
+            if action.type is not None and callable(action.type):
+                try:
+                    setattr(args, action.dest, action.type(getattr(args, action.dest)))
+                except (argparse.ArgumentTypeError, ValueError) as exc:
+                    parser.error(f"{action.option_strings[0]}: {exc}")
+            if action.choices is not None and getattr(args, action.dest) not in action.choices:
+                parser.error(
+                    f"{action.option_strings[0]}: invalid choice {getattr(args, action.dest)!r}"
+                )
+    if not NODE_ID_RE.match(args.node_id or ""):
+        parser.error(
+            f"--node-id {args.node_id!r}: use 1-128 letters, digits, '.', '_' or '-',"
+            " starting and ending with a letter or digit"
+        )
+    try:
+        endpoint = parse_endpoint(args.endpoint)
+        backend = BackendKind(args.backend)
+        lvm = None
+        if backend is BackendKind.LVM:
+            if not args.lvm_config and not args.lvm_volume_group:
+                parser.error("--backend lvm needs --lvm-config or --lvm-volume-group")
+            lvm = LvmConfig(
+                config_file=Path(args.lvm_config) if args.lvm_config else None,
+                volume_group=args.lvm_volume_group,
+                use_nsenter=args.lvm_nsenter,
+                udev_sync=args.lvm_udev_sync,
+            )
+        hostpath = None
+        if backend is BackendKind.HOSTPATH:
+            root = Path(args.hostpath_root)
+            if not root.is_absolute():
+                root = Path.cwd() / root
+            hostpath = HostPathConfig(root=root, capacity_bytes=args.hostpath_capacity)
+        return Config(
+            endpoint=endpoint,
+            node_id=args.node_id,
+            driver_name=args.driver_name,
+            mode=Mode(args.mode),
+            backend=backend,
+            hostpath=hostpath,
+            lvm=lvm,
+            metrics_address=args.metrics_address or None,
+            log_format=LogFormat(args.log_format),
+            log_level=args.log_level.upper(),
+            max_volumes_per_node=args.max_volumes_per_node,
+            grace_period=args.grace_period,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    from csi_driver.app import run  # imported late: --help and --version stay fast
+
+    return run(config)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

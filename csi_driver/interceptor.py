@@ -1,0 +1,113 @@
+"""The one place where errors become gRPC statuses, and where every RPC is logged and counted."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from csi_driver.errors import CsiError
+from csi_driver.metrics import Metrics
+
+log = logging.getLogger("csi_driver.rpc")
+
+REDACTED = "<redacted>"
+
+
+def _is_secret(field: Any) -> bool:
+    """A field the CSI spec marks ``csi_secret`` (or, defensively, any map named *secrets)."""
+    try:
+        for option, value in field.GetOptions().ListFields():
+            if option.name == "csi_secret" and value:
+                return True
+    except Exception:  # noqa: BLE001  (options of foreign descriptors)
+        return False
+    return bool(field.name.endswith("secrets"))
+
+
+def redact(message: Message) -> dict[str, Any]:
+    """A loggable view of a request: every secret value replaced, nested messages included."""
+    out: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        if _is_secret(field):
+            out[field.name] = dict.fromkeys(value, REDACTED) if hasattr(value, "keys") else REDACTED
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+            out[field.name] = dict(value)
+        elif field.message_type is not None:
+            if field.label == field.LABEL_REPEATED:
+                out[field.name] = [redact(v) for v in value]
+            else:
+                out[field.name] = redact(value)
+        elif field.label == field.LABEL_REPEATED:
+            out[field.name] = list(value)
+        else:
+            out[field.name] = value
+    return out
+
+
+class ErrorAndLogInterceptor(grpc.ServerInterceptor):
+    """Logs method, duration and code of every RPC; maps exceptions to statuses.
+
+    CsiError -> its code and message. NotImplementedError (the generated base servicers raise it)
+    -> UNIMPLEMENTED. Anything else -> INTERNAL with a message, logged with its traceback; the
+    server keeps running.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+
+        def wrapped(request: Message, context: grpc.ServicerContext) -> Message:
+            start = time.monotonic()
+            code = grpc.StatusCode.OK
+            message = ""
+            try:
+                return inner(request, context)
+            except CsiError as exc:
+                code, message = exc.code, exc.message
+            except NotImplementedError:
+                code, message = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented"
+            except Exception as exc:
+                code = grpc.StatusCode.INTERNAL
+                message = f"internal error in {method}: {type(exc).__name__}: {exc}"
+                log.exception("unexpected error", extra={"method": method})
+            finally:
+                seconds = time.monotonic() - start
+                self._metrics.observe_rpc(method, code.name, seconds)
+                level = logging.INFO if code is grpc.StatusCode.OK else logging.WARNING
+                if method in ("Probe", "NodeGetCapabilities", "GetPluginInfo"):
+                    level = logging.DEBUG if code is grpc.StatusCode.OK else level
+                if log.isEnabledFor(level):
+                    log.log(
+                        level,
+                        "rpc",
+                        extra={
+                            "method": method,
+                            "code": code.name,
+                            "seconds": round(seconds, 4),
+                            "request": redact(request),
+                            **({"error": message} if message else {}),
+                        },
+                    )
+            context.abort(code, message)
+            raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,29 @@
+# Shared helpers for the project's scripts. Source it: . "$(dirname "$0")/lib.sh"
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CSI_CACHE_DIR=${CSI_CACHE_DIR:-$HOME/.cache/nodelocal-csi}
+export CSI_CACHE_DIR
+mkdir -p "$CSI_CACHE_DIR/bin"
+export PATH="$CSI_CACHE_DIR/bin:/usr/local/go/bin:$PATH"
+export DEBIAN_FRONTEND=noninteractive
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+# apt_install PKG...: installs the packages that are missing, running `apt-get update` at most
+# once a day (a fresh machine has no package lists).
+apt_install() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local stamp=/var/lib/apt/periodic/nodelocal-csi-update
+    if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ]; then
+        say "apt-get update"
+        apt-get update -qq
+        mkdir -p "$(dirname "$stamp")" && touch "$stamp"
+    fi
+    say "apt-get install ${missing[*]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}

@@ -1,0 +1,41 @@
+import pytest
+
+from csi_driver import ids
+from csi_driver.errors import InvalidArgument, NotFound
+
+
+def test_ids_are_deterministic_and_carry_the_node() -> None:
+    a = ids.volume_id_for("pvc-1", "node-a")
+    assert a == ids.volume_id_for("pvc-1", "node-a")
+    assert a != ids.volume_id_for("pvc-2", "node-a")
+    parsed = ids.require_volume_id(a)
+    assert parsed.node_id == "node-a"
+    assert parsed.local.startswith("v") and len(parsed.local) == 33
+    assert str(parsed) == a
+
+
+def test_snapshot_ids_are_not_volume_ids() -> None:
+    s = ids.snapshot_id_for("snap", "n")
+    assert ids.parse(s, "v") is None
+    assert ids.require_snapshot_id(s).kind == "s"
+    with pytest.raises(NotFound):
+        ids.require_volume_id(s)
+
+
+@pytest.mark.parametrize(
+    "value", ["../../etc", "v" + "0" * 32 + "@../x", "a/b", "x\x00y", "v" * 300]
+)
+def test_unsafe_ids_are_invalid_argument(value: str) -> None:
+    with pytest.raises(InvalidArgument):
+        ids.require_volume_id(value)
+
+
+@pytest.mark.parametrize("value", ["some-volume", "v1234@node", "V" + "0" * 32 + "@n"])
+def test_foreign_ids_are_not_found(value: str) -> None:
+    with pytest.raises(NotFound):
+        ids.require_volume_id(value)
+
+
+def test_empty_id_is_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument):
+        ids.require_volume_id("")
