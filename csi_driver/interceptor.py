@@ -38,11 +38,11 @@ def redact(message: Message) -> dict[str, Any]:
         elif field.message_type is not None and field.message_type.GetOptions().map_entry:
             out[field.name] = dict(value)
         elif field.message_type is not None:
-            if field.label == field.LABEL_REPEATED:
+            if field.is_repeated:
                 out[field.name] = [redact(v) for v in value]
             else:
                 out[field.name] = redact(value)
-        elif field.label == field.LABEL_REPEATED:
+        elif field.is_repeated:
             out[field.name] = list(value)
         else:
             out[field.name] = value

@@ -92,7 +92,7 @@ class SubprocessRunner:
         input: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> CommandResult:
-        if not argv or not all(isinstance(a, str) for a in argv):
+        if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError(f"argv must be a non-empty list of strings, got {argv!r}")
         full = (*self.prefix, *argv)
         run_env = dict(os.environ)
