@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-
 from csi_driver import __version__
 from csi_driver.backends import build_backend
 from csi_driver.backends.base import Backend

@@ -1,4 +1,4 @@
-"""Command line: every flag has an environment twin ``CSI_DRIVER_<FLAG>``; parsed once into Config."""
+"""Command line: each flag has an environment twin ``CSI_DRIVER_<FLAG>``; parsed once to Config."""
 
 from __future__ import annotations
 
@@ -63,34 +63,76 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         value = env.get(env_name, default)
         parser.add_argument(flag, default=value, help=f"{help_text} [env {env_name}]", **kw)  # type: ignore[arg-type]
 
-    add("--endpoint", "gRPC endpoint: unix:///path/csi.sock (tcp://127.0.0.1:PORT only for debugging)",
-        DEFAULT_ENDPOINT)
-    add("--node-id", "this node's id (default: $NODE_NAME, else the hostname)",
-        env.get("NODE_NAME") or socket.gethostname())
+    add(
+        "--endpoint",
+        "gRPC endpoint: unix:///path/csi.sock (tcp://127.0.0.1:PORT only for debugging)",
+        DEFAULT_ENDPOINT,
+    )
+    add(
+        "--node-id",
+        "this node's id (default: $NODE_NAME, else the hostname)",
+        env.get("NODE_NAME") or socket.gethostname(),
+    )
     add("--driver-name", "CSI driver name (reverse-DNS)", DEFAULT_DRIVER_NAME)
-    add("--mode", "standalone: Identity, Controller and Node in one process; node: the per-node"
-        " plugin (also provisions this node's volumes); controller: ControllerPublish/Unpublish only",
-        Mode.STANDALONE.value, choices=[m.value for m in Mode])
-    add("--backend", "storage backend", BackendKind.HOSTPATH.value,
-        choices=[b.value for b in BackendKind])
-    add("--hostpath-root", "hostpath backend: directory holding volumes, snapshots and state.db",
-        DEFAULT_HOSTPATH_ROOT)
-    add("--hostpath-capacity", "hostpath backend: bytes offered (suffixes like Gi allowed;"
-        " default: the free space of the root's filesystem)", None, type=_bytes)
+    add(
+        "--mode",
+        "standalone: Identity, Controller and Node in one process; node: the per-node"
+        " plugin (also provisions this node's volumes); controller: ControllerPublish and"
+        " ControllerUnpublish only",
+        Mode.STANDALONE.value,
+        choices=[m.value for m in Mode],
+    )
+    add(
+        "--backend",
+        "storage backend",
+        BackendKind.HOSTPATH.value,
+        choices=[b.value for b in BackendKind],
+    )
+    add(
+        "--hostpath-root",
+        "hostpath backend: directory holding volumes, snapshots and state.db",
+        DEFAULT_HOSTPATH_ROOT,
+    )
+    add(
+        "--hostpath-capacity",
+        "hostpath backend: bytes offered (suffixes like Gi allowed;"
+        " default: the free space of the root's filesystem)",
+        None,
+        type=_bytes,
+    )
     add("--lvm-config", "lvm backend: device classes file (YAML or JSON), see docs/lvm.md", None)
     add("--lvm-volume-group", "lvm backend: a single default linear device class on this VG", None)
-    add("--lvm-nsenter", "lvm backend: run lvm2 in the host's mount namespace through nsenter"
-        " (for a containerised driver with the host's /proc)", False, type=_bool, nargs="?",
-        const=True)
-    add("--lvm-udev-sync", "lvm backend: wait for udev to create device nodes", True, type=_bool,
-        nargs="?", const=True)
+    add(
+        "--lvm-nsenter",
+        "lvm backend: run lvm2 in the host's mount namespace through nsenter"
+        " (for a containerised driver with the host's /proc)",
+        False,
+        type=_bool,
+        nargs="?",
+        const=True,
+    )
+    add(
+        "--lvm-udev-sync",
+        "lvm backend: wait for udev to create device nodes",
+        True,
+        type=_bool,
+        nargs="?",
+        const=True,
+    )
     add("--max-volumes-per-node", "reported in NodeGetInfo; 0 means no limit", 0, type=int)
     add("--grace-period", "seconds in-flight RPCs get to finish on SIGTERM", 10.0, type=float)
-    add("--metrics-address", "serve Prometheus /metrics and /healthz on HOST:PORT (off when empty)",
-        None)
+    add(
+        "--metrics-address",
+        "serve Prometheus /metrics and /healthz on HOST:PORT (off when empty)",
+        None,
+    )
     add("--log-format", "log format", LogFormat.TEXT.value, choices=[f.value for f in LogFormat])
-    add("--log-level", "log level", "INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"])
+    add(
+        "--log-level",
+        "log level",
+        "INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -100,7 +142,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     parser = build_parser(env)
     args = parser.parse_args(argv)
     # Values from the environment arrive as strings: run them through the flag's type.
-    for action in parser._actions:  # noqa: SLF001 (argparse has no public accessor)
+    for action in parser._actions:
         if action.dest in vars(args) and isinstance(getattr(args, action.dest), str):
             if action.type is not None and callable(action.type):
                 try:

@@ -24,7 +24,7 @@ def _is_secret(field: Any) -> bool:
         for option, value in field.GetOptions().ListFields():
             if option.name == "csi_secret" and value:
                 return True
-    except Exception:  # noqa: BLE001  (options of foreign descriptors)
+    except Exception:
         return False
     return bool(field.name.endswith("secrets"))
 
@@ -49,7 +49,7 @@ def redact(message: Message) -> dict[str, Any]:
     return out
 
 
-class ErrorAndLogInterceptor(grpc.ServerInterceptor):
+class ErrorAndLogInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Logs method, duration and code of every RPC; maps exceptions to statuses.
 
     CsiError -> its code and message. NotImplementedError (the generated base servicers raise it)
@@ -62,9 +62,9 @@ class ErrorAndLogInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
@@ -76,7 +76,8 @@ class ErrorAndLogInterceptor(grpc.ServerInterceptor):
             code = grpc.StatusCode.OK
             message = ""
             try:
-                return inner(request, context)
+                response: Message = inner(request, context)
+                return response
             except CsiError as exc:
                 code, message = exc.code, exc.message
             except NotImplementedError:

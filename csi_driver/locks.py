@@ -22,9 +22,7 @@ class KeyLocks:
         with self._mutex:
             busy = sorted(wanted & self._held)
             if busy:
-                raise Aborted(
-                    f"an operation on {busy[0]!r} is already in progress; retry later"
-                )
+                raise Aborted(f"an operation on {busy[0]!r} is already in progress; retry later")
             self._held |= wanted
         try:
             yield

@@ -127,14 +127,12 @@ class Metrics:
 class MetricsServer:
     """Serves /metrics and /healthz (200 when ``health()`` returns None, else 503 with why)."""
 
-    def __init__(
-        self, address: str, metrics: Metrics, health: Callable[[], str | None]
-    ) -> None:
+    def __init__(self, address: str, metrics: Metrics, health: Callable[[], str | None]) -> None:
         host, _, port = address.rpartition(":")
         metrics_ref, health_ref = metrics, health
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 if self.path == "/metrics":
                     self._reply(200, metrics_ref.render(), "text/plain; version=0.0.4")
                 elif self.path == "/healthz":
@@ -154,7 +152,7 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 return
 
         self._httpd = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)  # noqa: S104

@@ -48,7 +48,7 @@ class Server:
         self,
         endpoint: Endpoint,
         registrations: Sequence[Registration],
-        interceptors: Sequence[grpc.ServerInterceptor],
+        interceptors: Sequence[grpc.ServerInterceptor],  # type: ignore[type-arg]
         *,
         grace_period: float = 10.0,
         max_workers: int = 32,

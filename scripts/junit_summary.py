@@ -20,8 +20,10 @@ def main(directory: str) -> int:
             lane["passed"] += tests - fails - skips
             lane["failed"] += fails
             lane["skipped"] += skips
-        print(f"{report.stem}: {lane['passed']} passed, {lane['failed']} failed, "
-              f"{lane['skipped']} skipped")
+        print(
+            f"{report.stem}: {lane['passed']} passed, {lane['failed']} failed, "
+            f"{lane['skipped']} skipped"
+        )
         passed += lane["passed"]
         failed += lane["failed"]
         skipped += lane["skipped"]

@@ -16,9 +16,10 @@ def build_backend(config: Config, runner: Runner) -> Backend:
         from csi_driver.backends.hostpath.backend import HostPathBackend
 
         assert config.hostpath is not None
-        return HostPathBackend(
+        hostpath: Backend = HostPathBackend(
             config.hostpath.root, config.hostpath.capacity_bytes, config.node_id, runner
         )
+        return hostpath
     from csi_driver.backends.lvm.backend import LvmBackend
     from csi_driver.backends.lvm.classes import load_device_classes
 
@@ -28,9 +29,10 @@ def build_backend(config: Config, runner: Runner) -> Backend:
         lvm_runner = SubprocessRunner(
             prefix=NSENTER_PREFIX, observer=runner.observer, extra_env=runner.extra_env
         )
-    return LvmBackend(
+    lvm: Backend = LvmBackend(
         load_device_classes(config.lvm),
         config.node_id,
         lvm_runner,
         udev_sync=config.lvm.udev_sync,
     )
+    return lvm

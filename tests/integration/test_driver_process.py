@@ -29,9 +29,22 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen[str], timeout: float = 3
 def test_controller_mode_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     sock = tmp_path / "run" / "csi.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "csi_driver", "--mode", "controller", "--node-id", "n1",
-         "--endpoint", f"unix://{sock}", "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "csi_driver",
+            "--mode",
+            "controller",
+            "--node-id",
+            "n1",
+            "--endpoint",
+            f"unix://{sock}",
+            "--log-format",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         _wait_for_socket(sock, proc)
@@ -58,7 +71,9 @@ def test_controller_mode_process_serves_and_stops_on_sigterm(tmp_path: Path) -> 
 def test_bad_flag_exits_2_with_a_message(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "csi_driver", "--endpoint", "http://nope", "--node-id", "n"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 2
     assert "endpoint must start with unix:// or tcp://" in proc.stderr
@@ -66,7 +81,9 @@ def test_bad_flag_exits_2_with_a_message(tmp_path: Path) -> None:
 
 def test_version_flag() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "csi_driver", "--version"], capture_output=True, text=True,
+        [sys.executable, "-m", "csi_driver", "--version"],
+        capture_output=True,
+        text=True,
         timeout=30,
     )
     assert proc.returncode == 0 and proc.stdout.startswith("csi-driver ")

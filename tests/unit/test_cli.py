@@ -54,7 +54,9 @@ def test_lvm_flags() -> None:
         ["--driver-name", "NoDots"],
     ],
 )
-def test_bad_flags_exit_with_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flags_exit_with_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         parse_config([*argv] if "--node-id" in argv else [*argv, "--node-id", "n"], env={})
     assert exc.value.code == 2
@@ -82,7 +84,19 @@ def test_help_documents_every_flag_with_its_environment_twin(
     with pytest.raises(SystemExit):
         parse_config(["--help"], env={})
     out = capsys.readouterr().out
-    for flag in ("endpoint", "node-id", "driver-name", "mode", "backend", "hostpath-root",
-                 "hostpath-capacity", "metrics-address", "log-format", "log-level"):
+    for flag in (
+        "endpoint",
+        "node-id",
+        "driver-name",
+        "mode",
+        "backend",
+        "hostpath-root",
+        "hostpath-capacity",
+        "metrics-address",
+        "log-format",
+        "log-level",
+    ):
         assert f"--{flag}" in out
-        assert "CSI_DRIVER_" + flag.replace("-", "_").upper() in out.replace("\n", "").replace(" ", "")
+        assert "CSI_DRIVER_" + flag.replace("-", "_").upper() in out.replace("\n", "").replace(
+            " ", ""
+        )

@@ -66,10 +66,12 @@ def test_csi_error_becomes_its_code(served) -> None:  # type: ignore[no-untyped-
 
 
 def test_unexpected_exception_is_internal_and_server_survives(served, caplog) -> None:  # type: ignore[no-untyped-def]
-    stub, metrics, servicer = served
-    with caplog.at_level(logging.ERROR, logger="csi_driver.rpc"):
-        with pytest.raises(grpc.RpcError) as exc:
-            stub.CreateVolume(csi_pb2.CreateVolumeRequest(name="x"), timeout=5)
+    stub, _, servicer = served
+    with (
+        caplog.at_level(logging.ERROR, logger="csi_driver.rpc"),
+        pytest.raises(grpc.RpcError) as exc,
+    ):
+        stub.CreateVolume(csi_pb2.CreateVolumeRequest(name="x"), timeout=5)
     assert exc.value.code() is grpc.StatusCode.INTERNAL
     assert "ValueError: unexpected bug" in exc.value.details()
     assert any(r.exc_info for r in caplog.records), "traceback must be logged"
@@ -88,12 +90,11 @@ def test_unimplemented_rpc(served) -> None:  # type: ignore[no-untyped-def]
 
 def test_secrets_never_reach_the_log(served, caplog) -> None:  # type: ignore[no-untyped-def]
     stub, _, _ = served
-    with caplog.at_level(logging.INFO, logger="csi_driver.rpc"):
-        with pytest.raises(grpc.RpcError):
-            stub.DeleteVolume(
-                csi_pb2.DeleteVolumeRequest(volume_id="v1", secrets={"password": "hunter2"}),
-                timeout=5,
-            )
+    with caplog.at_level(logging.INFO, logger="csi_driver.rpc"), pytest.raises(grpc.RpcError):
+        stub.DeleteVolume(
+            csi_pb2.DeleteVolumeRequest(volume_id="v1", secrets={"password": "hunter2"}),
+            timeout=5,
+        )
     records = [r for r in caplog.records if getattr(r, "method", "") == "DeleteVolume"]
     assert records, "every RPC is logged"
     rendered = repr(vars(records[0]))

@@ -10,12 +10,10 @@ from csi_driver.units import parse_bytes, round_up
 def test_second_holder_of_a_key_is_aborted_and_key_is_released_after() -> None:
     locks = KeyLocks()
     with locks.hold("vol-1", "name-1"):
-        with pytest.raises(Aborted, match="vol-1"):
-            with locks.hold("vol-1"):
-                pass
-        with pytest.raises(Aborted):
-            with locks.hold("other", "name-1"):
-                pass
+        with pytest.raises(Aborted, match="vol-1"), locks.hold("vol-1"):
+            pass
+        with pytest.raises(Aborted), locks.hold("other", "name-1"):
+            pass
         assert not locks.is_held("other")  # the failed attempt took nothing
         with locks.hold("vol-2"):
             assert locks.is_held("vol-2")
@@ -26,9 +24,8 @@ def test_second_holder_of_a_key_is_aborted_and_key_is_released_after() -> None:
 
 def test_lock_released_when_body_raises() -> None:
     locks = KeyLocks()
-    with pytest.raises(RuntimeError):
-        with locks.hold("k"):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), locks.hold("k"):
+        raise RuntimeError("boom")
     assert not locks.is_held("k")
 
 

@@ -70,7 +70,9 @@ def test_in_flight_rpc_finishes_and_new_ones_are_refused(tmp_path: Path) -> None
     channel = grpc.insecure_channel(f"unix://{path}")
     stub = csi_pb2_grpc.IdentityStub(channel)
     result: list[object] = []
-    t = threading.Thread(target=lambda: result.append(stub.Probe(csi_pb2.ProbeRequest(), timeout=10)))
+    t = threading.Thread(
+        target=lambda: result.append(stub.Probe(csi_pb2.ProbeRequest(), timeout=10))
+    )
     t.start()
     assert servicer.started.wait(5)
     server.request_stop()
