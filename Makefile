@@ -1,5 +1,5 @@
 # Entry points. `make run` and `make test` work on a fresh Debian 12 machine (as root).
-.PHONY: run test lint unit sanity vm e2e proto deploy bench clean
+.PHONY: run test lint unit sanity vm e2e proto deploy bench registration clean
 
 run:  ## install what is needed and run the driver on its embedded default
 	scripts/run.sh
@@ -27,6 +27,12 @@ proto:
 
 deploy:
 	scripts/render-deploy.sh
+
+registration:  ## plugin registration with the real csi-node-driver-registrar (needs the binary)
+	scripts/install-python.sh && .venv/bin/pytest -q tests/integration/test_plugin_registration.py
+
+bench:  ## run the benchmarks (docs/benchmarks.md)
+	scripts/bench.sh
 
 clean:
 	rm -rf .data .venv .pytest_cache

@@ -65,6 +65,11 @@ def build(config: Config) -> Driver:
 
         node = NodeServicer(config, backend, locks, Mounter(runner), Filesystems(runner))
         registrations.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
+    else:
+        from csi_driver.services.node import NodeCapabilitiesServicer
+
+        caps = NodeCapabilitiesServicer()
+        registrations.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(caps, s))
 
     server = Server(
         config.endpoint,

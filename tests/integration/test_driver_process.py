@@ -87,3 +87,44 @@ def test_version_flag() -> None:
         timeout=30,
     )
     assert proc.returncode == 0 and proc.stdout.startswith("csi-driver ")
+
+
+def test_controller_mode_answers_node_capabilities_for_the_resizer(tmp_path: Path) -> None:
+    sock = tmp_path / "csi.sock"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "csi_driver",
+            "--mode",
+            "controller",
+            "--node-id",
+            "n1",
+            "--endpoint",
+            f"unix://{sock}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_socket(sock, proc)
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            node = csi_pb2_grpc.NodeStub(ch)
+            caps = node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), timeout=10)
+            kinds = {c.rpc.type for c in caps.capabilities}
+            assert csi_pb2.NodeServiceCapability.RPC.EXPAND_VOLUME in kinds
+            try:
+                node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
+            except grpc.RpcError as exc:
+                assert exc.code() is grpc.StatusCode.UNIMPLEMENTED
+            else:
+                raise AssertionError("controller mode must not answer NodeGetInfo")
+            ctrl = csi_pb2_grpc.ControllerStub(ch).ControllerGetCapabilities(
+                csi_pb2.ControllerGetCapabilitiesRequest(), timeout=10
+            )
+            rpcs = {c.rpc.type for c in ctrl.capabilities}
+            assert csi_pb2.ControllerServiceCapability.RPC.EXPAND_VOLUME not in rpcs
+    finally:
+        proc.terminate()
+        proc.wait(30)

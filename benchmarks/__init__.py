@@ -1,0 +1,1 @@
+"""Benchmarks of the driver; see docs/benchmarks.md."""

@@ -1,0 +1,150 @@
+{{/*
+Names, labels and the paths that several objects must agree on. Every path or name that two
+objects share is derived here once, so the DaemonSet, the CSIDriver and the StorageClasses
+cannot drift apart.
+*/}}
+
+{{- define "nodelocal-csi.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "nodelocal-csi.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "nodelocal-csi.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "nodelocal-csi.labels" -}}
+helm.sh/chart: {{ include "nodelocal-csi.chart" . }}
+app.kubernetes.io/name: {{ include "nodelocal-csi.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: nodelocal-csi
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels; the caller passes (list $ "node") or (list $ "controller"). */}}
+{{- define "nodelocal-csi.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "nodelocal-csi.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "nodelocal-csi.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* topology.<driver name>/node, as csi_driver.config.topology_key() derives it. */}}
+{{- define "nodelocal-csi.topologyKey" -}}
+{{- printf "topology.%s/node" .Values.driverName }}
+{{- end }}
+
+{{/* Host directory holding the driver socket; the kubelet dials <pluginDir>/csi.sock. */}}
+{{- define "nodelocal-csi.pluginDir" -}}
+{{- printf "%s/plugins/%s" (trimSuffix "/" .Values.kubeletDir) .Values.driverName }}
+{{- end }}
+
+{{- define "nodelocal-csi.registrationDir" -}}
+{{- printf "%s/plugins_registry" (trimSuffix "/" .Values.kubeletDir) }}
+{{- end }}
+
+{{/* Where the socket directory is mounted inside every container of a pod. */}}
+{{- define "nodelocal-csi.socketDir" -}}
+/csi
+{{- end }}
+
+{{- define "nodelocal-csi.socketPath" -}}
+{{- printf "%s/csi.sock" (include "nodelocal-csi.socketDir" .) }}
+{{- end }}
+
+{{- define "nodelocal-csi.lvmConfigDir" -}}
+/etc/nodelocal-csi
+{{- end }}
+
+{{- define "nodelocal-csi.hostpathStorageClassName" -}}
+{{- default "nodelocal-hostpath" .Values.hostpath.storageClass.name }}
+{{- end }}
+
+{{- define "nodelocal-csi.snapshotClassName" -}}
+{{- default "nodelocal-snapshot" .Values.snapshots.volumeSnapshotClass.name }}
+{{- end }}
+
+{{/* The sidecars' common container settings: no privileges, read-only root. */}}
+{{- define "nodelocal-csi.sidecarSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+{{- end }}
+
+{{/* allowedTopologies for a StorageClass restricted to some nodes; the argument is
+     (list $ <node names>). */}}
+{{- define "nodelocal-csi.allowedTopologies" -}}
+{{- $root := index . 0 }}
+{{- $nodes := index . 1 }}
+{{- if $nodes }}
+allowedTopologies:
+  - matchLabelExpressions:
+      - key: {{ include "nodelocal-csi.topologyKey" $root }}
+        values:
+          {{- range $nodes }}
+          - {{ . | quote }}
+          {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A device class's StorageClass settings with the defaults filled in (every key is optional in
+     values, and `default` cannot be used for booleans: it treats false as unset). Returns YAML;
+     use with fromYaml. */}}
+{{- define "nodelocal-csi.lvmStorageClass" -}}
+{{- $sc := dict "create" true "name" "" "isDefault" false "fsType" "ext4" "reclaimPolicy" "Delete" "volumeBindingMode" "WaitForFirstConsumer" "allowedNodes" list "parameters" dict }}
+{{- $sc = mergeOverwrite $sc (deepCopy (default dict .storageClass)) }}
+{{- if not $sc.name }}{{ $_ := set $sc "name" (printf "nodelocal-lvm-%s" .name) }}{{ end }}
+{{- toYaml $sc }}
+{{- end }}
+
+{{/* Fails the render on combinations the schema cannot express. */}}
+{{- define "nodelocal-csi.validate" -}}
+{{- if eq .Values.backend "lvm" }}
+{{- $defaults := 0 }}
+{{- $names := dict }}
+{{- range .Values.lvm.deviceClasses }}
+{{- if hasKey $names .name }}
+{{- fail (printf "lvm.deviceClasses: the name %q is used twice" .name) }}
+{{- end }}
+{{- $_ := set $names .name true }}
+{{- if .default }}{{ $defaults = add1 $defaults }}{{ end }}
+{{- end }}
+{{- if gt $defaults 1 }}
+{{- fail "lvm.deviceClasses: at most one device class may be marked default" }}
+{{- end }}
+{{- end }}
+{{- $defaultClasses := 0 }}
+{{- if and (eq .Values.backend "hostpath") .Values.hostpath.storageClass.create .Values.hostpath.storageClass.isDefault }}
+{{- $defaultClasses = add1 $defaultClasses }}
+{{- end }}
+{{- if eq .Values.backend "lvm" }}
+{{- range .Values.lvm.deviceClasses }}
+{{- $sc := include "nodelocal-csi.lvmStorageClass" . | fromYaml }}
+{{- if and $sc.create $sc.isDefault }}{{ $defaultClasses = add1 $defaultClasses }}{{ end }}
+{{- end }}
+{{- end }}
+{{- if gt $defaultClasses 1 }}
+{{- fail "at most one StorageClass may be marked isDefault" }}
+{{- end }}
+{{- end }}

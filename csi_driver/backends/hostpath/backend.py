@@ -1,0 +1,897 @@
+"""Volumes as directories (mount access) or sparse image files (block access) under one root.
+
+Layout under the root::
+
+    state.db            SQLite: the only record of what exists (see store.py)
+    volumes/<local id>/           a mount volume: the directory pods see
+    volumes/<local id>/disk.img   a block volume: a sparse image, attached to a loop device
+    snapshots/<local id>/         a snapshot: a full copy of the volume's directory tree, or
+                                  disk.img, a copy of its image (reflinked where possible)
+
+A local id is the part of a volume or snapshot id before ``@`` (``v`` or ``s`` and 32 hex
+digits). It is the only thing a path is ever built from, and it is checked against that
+grammar first, so no id can name a path outside the root.
+
+Crash safety: every change is written to the database before the storage is touched.
+Creating inserts a ``creating`` row, builds the storage and marks the row ``ready``; a retry
+of the same request finds the unfinished row and builds again from scratch (nothing of an
+unfinished volume was ever handed out). Deleting marks the row ``deleting``, removes the
+storage, then removes the row. At start the backend finishes every ``deleting`` row and
+removes storage that no row describes (left by a kill between creating storage and writing
+its row, which cannot happen in this order, or by a kill inside a removal). A root whose
+database is missing but whose storage is not is refused: its volumes are not leftovers.
+
+Sizes: a volume's size is accounted against the capacity (the configured one, else the size
+of the root's filesystem) and against the free space of the filesystem. A directory volume's
+size is enforced only when the root is on XFS mounted with ``prjquota``: each directory gets
+an XFS project with a hard limit of its size. Elsewhere sizes are accounted, not enforced;
+every volume's context says which (:data:`SIZE_ENFORCED_KEY`). Block volumes are as big as
+their image, so their size is always enforced.
+
+Filesystem type: a directory volume lives on the root's own filesystem, so the only fs_type
+a mount volume may ask for is that one (or none). Block volumes carry no filesystem here.
+
+Operations on one volume or snapshot are serialised by the callers (the servicers' per-id
+locks) and again here; what all volumes share (the capacity, project ids) is guarded here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from csi_driver import ids
+from csi_driver.backends.hostpath.store import SnapshotRow, State, Store, VolumeRow
+from csi_driver.errors import (
+    AlreadyExists,
+    CsiError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
+from csi_driver.model import (
+    AccessType,
+    Attachment,
+    AttachmentKind,
+    ContentSource,
+    Snapshot,
+    SourceKind,
+    Volume,
+    VolumeCondition,
+    VolumeSpec,
+    frozen_map,
+)
+from csi_driver.system import fsinfo
+from csi_driver.system.fsinfo import FsInfoError
+from csi_driver.system.loop import LoopError, Loops
+from csi_driver.system.quota import (
+    QuotaError,
+    XfsProjectQuota,
+    enforces_project_quota,
+    project_of,
+    quotable_path,
+)
+from csi_driver.system.runner import CommandError, Runner
+from csi_driver.units import round_up
+
+log = logging.getLogger(__name__)
+
+#: StorageClass parameters this backend accepts (key -> what it means). None: a hostpath
+#: volume has nothing to choose; any key is a mistake worth reporting.
+PARAMETERS: Mapping[str, str] = MappingProxyType({})
+
+#: volume context key: "true" when the volume cannot grow past its size, "false" when its
+#: size is only accounted (a directory on a filesystem without project quotas)
+SIZE_ENFORCED_KEY = "hostpath.nodelocal.csi.dev/size-enforced"
+
+#: sizes are whole filesystem blocks
+ALLOCATION_UNIT = 4096
+IMAGE_NAME = "disk.img"
+#: a new directory volume is writable by any user in the pod (as kubelet's emptyDir is);
+#: the root and its subdirectories are private to the driver, so no host user reaches it
+VOLUME_DIR_MODE = 0o777
+PRIVATE_DIR_MODE = 0o700
+IMAGE_MODE = 0o600
+
+_VOLUME_LOCAL = re.compile(r"^v[0-9a-f]{32}$")
+_SNAPSHOT_LOCAL = re.compile(r"^s[0-9a-f]{32}$")
+
+
+class _KeyedLocks:
+    """Blocking per-key locks, taken in a fixed order so two holders cannot deadlock."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, *keys: str) -> Iterator[None]:
+        taken: list[tuple[str, threading.Lock]] = []
+        try:
+            for key in sorted({k for k in keys if k}):
+                with self._mutex:
+                    lock, users = self._locks.get(key, (threading.Lock(), 0))
+                    self._locks[key] = (lock, users + 1)
+                try:
+                    lock.acquire()
+                except BaseException:
+                    self._forget(key)
+                    raise
+                taken.append((key, lock))
+            yield
+        finally:
+            for key, lock in reversed(taken):
+                lock.release()
+                self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        with self._mutex:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A validated content source: where its data is and what it is."""
+
+    source: ContentSource
+    data: Path  # the directory or image to copy from
+    size_bytes: int
+
+
+@contextlib.contextmanager
+def _system_errors(what: str) -> Iterator[None]:
+    """Failures of the host turned into CSI codes: no space is RESOURCE_EXHAUSTED, the rest
+    INTERNAL with the cause."""
+    try:
+        yield
+    except CsiError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(f"cannot {what}: {exc.strerror}") from exc
+        raise Internal(f"cannot {what}: {exc}") from exc
+    except CommandError as exc:
+        text = (exc.stderr or "").lower()
+        if "no space left" in text or "quota exceeded" in text:
+            raise ResourceExhausted(f"cannot {what}: {exc}") from exc
+        raise Internal(f"cannot {what}: {exc}") from exc
+    except (LoopError, QuotaError, FsInfoError) as exc:
+        raise Internal(f"cannot {what}: {exc}") from exc
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _is_real_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+class HostPathBackend:
+    """The :class:`~csi_driver.backends.base.Backend` for directories and loop-backed images."""
+
+    max_volumes_per_node = 0
+
+    def __init__(
+        self, root: Path, capacity_bytes: int | None, node_id: str, runner: Runner
+    ) -> None:
+        if capacity_bytes is not None and capacity_bytes <= 0:
+            raise ValueError(f"hostpath capacity must be positive, got {capacity_bytes}")
+        if not ids.NODE_ID_RE.match(node_id):
+            raise ValueError(f"node id {node_id!r} cannot be part of a volume id")
+        root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        self.root = Path(os.path.realpath(root))
+        self._capacity = capacity_bytes
+        self._node = node_id
+        self._runner = runner
+        self._loops = Loops(runner)
+        self._keys = _KeyedLocks()
+        self._alloc = threading.Lock()
+        self._volumes_dir = self.root / "volumes"
+        self._snapshots_dir = self.root / "snapshots"
+        self._store = Store(self.root / "state.db")
+        try:
+            self._check_state_matches_storage()
+            for directory in (self._volumes_dir, self._snapshots_dir):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(directory, PRIVATE_DIR_MODE)
+                if not _is_real_dir(directory):
+                    raise RuntimeError(f"{directory} must be a directory, not a link or file")
+            mount = fsinfo.mount_of(self.root)
+            self._fs_type = mount.fs_type
+            self._quota = self._project_quota(mount.mount_point, enforces_project_quota(mount))
+            self._recover()
+        except BaseException:
+            self._store.close()
+            raise
+
+    def close(self) -> None:
+        """Release the database (and the root, for another backend object)."""
+        self._store.close()
+
+    # --- start-up ----------------------------------------------------------------------------
+
+    def _check_state_matches_storage(self) -> None:
+        if not self._store.created:
+            return
+        found = [
+            entry.name
+            for directory in (self._volumes_dir, self._snapshots_dir)
+            if directory.is_dir()
+            for entry in os.scandir(directory)
+        ]
+        if found:
+            raise RuntimeError(
+                f"{self._store.path} did not exist but {len(found)} volumes or snapshots do"
+                f" (e.g. {found[0]}); the state database was lost. Restore it, or move"
+                f" {self._volumes_dir} and {self._snapshots_dir} away to start empty; nothing"
+                " was changed"
+            )
+
+    def _project_quota(self, mountpoint: str, enforced: bool) -> XfsProjectQuota | None:
+        if enforced and quotable_path(self._volumes_dir):
+            log.info(
+                "directory volume sizes are enforced with XFS project quotas",
+                extra={"root": str(self.root), "mountpoint": mountpoint},
+            )
+            return XfsProjectQuota(self._runner, mountpoint)
+        why = (
+            f"its path {str(self._volumes_dir)!r} holds characters xfs_quota cannot take"
+            if enforced
+            else f"it is on {self._fs_type} without enforced project quotas (XFS mounted with"
+            " prjquota would enforce them)"
+        )
+        log.warning(
+            f"directory volume sizes under {self.root} are accounted but not enforced: {why}"
+        )
+        return None
+
+    def _recover(self) -> None:
+        """Finish what a killed predecessor left half done; O(volumes), once per start."""
+        # One volume that cannot be cleaned up must not keep the driver (and every other
+        # volume) down: it is logged and left for the next start or DeleteVolume.
+        for row in self._store.volumes(State.DELETING):
+            log.info("finishing an interrupted volume deletion", extra={"local": row.local_id})
+            self._logged(functools.partial(self._finish_volume_delete, row))
+        for snap in self._store.snapshots(State.DELETING):
+            log.info("finishing an interrupted snapshot deletion", extra={"local": snap.local_id})
+            self._logged(functools.partial(self._finish_snapshot_delete, snap))
+        volumes = {row.local_id: row for row in self._store.volumes()}
+        self._sweep(self._volumes_dir, _VOLUME_LOCAL, set(volumes))
+        self._sweep(
+            self._snapshots_dir, _SNAPSHOT_LOCAL, {s.local_id for s in self._store.snapshots()}
+        )
+        if self._quota is not None:
+            for row in volumes.values():
+                if row.state is State.READY and row.access_type is AccessType.MOUNT:
+                    self._ensure_quota(row)
+
+    def _sweep(self, directory: Path, grammar: re.Pattern[str], known: set[str]) -> None:
+        for entry in os.scandir(directory):
+            if entry.name in known:
+                continue
+            path = directory / entry.name
+            if not grammar.match(entry.name):
+                log.warning(f"leaving {path} alone: not created by this driver")
+                continue
+            log.warning(f"removing {path}: storage without a volume or snapshot (leaked)")
+            self._logged(functools.partial(self._remove_leaked, path))
+
+    def _remove_leaked(self, path: Path) -> None:
+        with _system_errors(f"remove leaked storage {path}"):
+            image = self._data(path, AccessType.BLOCK)
+            if image is not None:
+                self._loops.detach_all(image)
+            fsinfo.remove_tree(self._runner, path)
+
+    @staticmethod
+    def _logged(action: Callable[[], None]) -> None:
+        try:
+            action()
+        except CsiError as exc:
+            log.error(f"start-up clean-up failed, will retry at the next start: {exc}")
+
+    def _ensure_quota(self, row: VolumeRow) -> None:
+        """Give a directory volume its project and limit if it lacks them (a root remounted
+        with prjquota after the volume was made)."""
+        assert self._quota is not None and row.project_id is not None
+        path = self._volume_path(row.local_id)
+        if not _is_real_dir(path):
+            return
+        try:
+            if project_of(path) == (row.project_id, True):
+                return
+            log.info(f"applying the size limit of {row.local_id} (project {row.project_id})")
+            self._quota.assign(path, row.project_id)
+            self._quota.set_limit(row.project_id, row.capacity_bytes)
+        except QuotaError as exc:
+            log.error(f"cannot apply the size limit of {row.local_id}: {exc}")
+
+    # --- paths -------------------------------------------------------------------------------
+
+    def _volume_path(self, local: str) -> Path:
+        if not _VOLUME_LOCAL.match(local):
+            raise Internal(f"refusing a path for malformed volume id part {local!r}")
+        return self._volumes_dir / local
+
+    def _snapshot_path(self, local: str) -> Path:
+        if not _SNAPSHOT_LOCAL.match(local):
+            raise Internal(f"refusing a path for malformed snapshot id part {local!r}")
+        return self._snapshots_dir / local
+
+    @staticmethod
+    def _data(base: Path, access_type: AccessType) -> Path | None:
+        """The directory itself, or the image inside it; None unless that is really there.
+        Nothing on the way is a symlink, so acting on the answer never leaves the root."""
+        if not _is_real_dir(base):
+            return None
+        if access_type is AccessType.MOUNT:
+            return base
+        image = base / IMAGE_NAME
+        return image if _is_real_file(image) else None
+
+    def _image(self, local: str) -> Path | None:
+        return self._data(self._volume_path(local), AccessType.BLOCK)
+
+    def _local(self, value: str, kind: str) -> str | None:
+        """The local part of an id of this node's kind ``kind``; None for anything else."""
+        parsed = ids.parse(value, kind)
+        if parsed is None or parsed.node_id != self._node:
+            return None
+        return parsed.local
+
+    # --- conversion --------------------------------------------------------------------------
+
+    def _to_volume(self, row: VolumeRow) -> Volume:
+        enforced = row.access_type is AccessType.BLOCK or self._quota is not None
+        return Volume(
+            id=f"{row.local_id}@{self._node}",
+            name=row.name,
+            capacity_bytes=row.capacity_bytes,
+            access_type=row.access_type,
+            fs_type=row.fs_type,
+            node_id=self._node,
+            parameters=row.parameters,
+            content_source=row.source,
+            context=frozen_map({SIZE_ENFORCED_KEY: "true" if enforced else "false"}),
+            published_nodes=row.published,
+        )
+
+    def _to_snapshot(self, row: SnapshotRow) -> Snapshot:
+        return Snapshot(
+            id=f"{row.local_id}@{self._node}",
+            name=row.name,
+            source_volume_id=row.source_volume_id,
+            size_bytes=row.size_bytes,
+            creation_time_ns=row.created_ns,
+            ready=True,
+        )
+
+    # --- simple answers ----------------------------------------------------------------------
+
+    def health(self) -> str | None:
+        if not _is_real_dir(self.root):
+            return f"hostpath root {self.root} is missing"
+        for directory in (self._volumes_dir, self._snapshots_dir):
+            if not _is_real_dir(directory):
+                return f"{directory} is missing"
+        if not os.access(self.root, os.W_OK) or not os.access(self._volumes_dir, os.W_OK):
+            return f"hostpath root {self.root} is not writable"
+        try:
+            self._store.ping()
+        except Exception as exc:
+            return f"state database {self._store.path} cannot be read: {exc}"
+        return None
+
+    def validate_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
+        unknown = sorted(set(parameters) - set(PARAMETERS))
+        if unknown:
+            accepted = f"it accepts {sorted(PARAMETERS)}" if PARAMETERS else "it takes none"
+            raise InvalidArgument(
+                f"unknown parameters {unknown} for the hostpath backend; {accepted}"
+            )
+        return frozen_map({k: parameters[k] for k in sorted(parameters)})
+
+    def supported_fs_types(self) -> Sequence[str]:
+        return [self._fs_type]
+
+    def round_size(self, size_bytes: int, parameters: Mapping[str, str]) -> int:
+        return max(ALLOCATION_UNIT, round_up(size_bytes, ALLOCATION_UNIT))
+
+    def capacity(self, parameters: Mapping[str, str]) -> int:
+        self.validate_parameters(parameters)
+        with self._alloc:
+            return self._available()
+
+    def _available(self) -> int:
+        """Bytes a new allocation may take: the capacity not promised to anything yet, and
+        never more than is free on the filesystem. Called under ``_alloc``."""
+        with _system_errors(f"read the free space of {self.root}"):
+            room = fsinfo.space(self.root)
+        budget = self._capacity if self._capacity is not None else room.total_bytes
+        return max(0, min(budget - self._store.allocated_bytes(), room.free_bytes))
+
+    def _reserve(self, size: int, what: str) -> None:
+        available = self._available()
+        if size > available:
+            raise ResourceExhausted(
+                f"not enough room for {what} of {size} bytes: {available} bytes available"
+                f" under {self.root}"
+            )
+
+    # --- volumes -----------------------------------------------------------------------------
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        local = self._local(volume_id, "v")
+        row = self._store.volume(local) if local else None
+        return self._to_volume(row) if row and row.state is State.READY else None
+
+    def list_volumes(self) -> Sequence[Volume]:
+        return [self._to_volume(r) for r in self._store.volumes(State.READY)]
+
+    def _ready_volume(self, volume_id: str) -> VolumeRow:
+        local = self._local(volume_id, "v")
+        row = self._store.volume(local) if local else None
+        if row is None or row.state is not State.READY:
+            raise NotFound(f"volume {volume_id!r} does not exist")
+        return row
+
+    def _fs_type_for(self, spec: VolumeSpec) -> str:
+        if spec.access_type is AccessType.BLOCK:
+            if spec.fs_type:
+                raise InvalidArgument(
+                    f"fs_type {spec.fs_type!r} makes no sense for a block volume; leave it empty"
+                )
+            return ""
+        if spec.fs_type not in ("", self._fs_type):
+            raise InvalidArgument(
+                f"fs_type {spec.fs_type!r} is not possible: a hostpath volume is a directory on"
+                f" the {self._fs_type} filesystem of {self.root}; ask for {self._fs_type!r} or"
+                " leave fs_type empty"
+            )
+        return self._fs_type
+
+    @staticmethod
+    def _differences(row: VolumeRow, wanted: VolumeRow) -> list[str]:
+        """Why ``row`` cannot serve as ``wanted``. A bigger volume (one expanded since) serves
+        a smaller request; the caller checks capacity limits."""
+        out = []
+        if row.name != wanted.name:
+            out.append(f"the id belongs to volume {row.name!r}")
+        if row.capacity_bytes < wanted.capacity_bytes:
+            out.append(f"capacity {row.capacity_bytes} bytes, not {wanted.capacity_bytes}")
+        if row.access_type is not wanted.access_type:
+            out.append(f"access type {row.access_type.value}, not {wanted.access_type.value}")
+        if row.fs_type != wanted.fs_type:
+            out.append(f"fs_type {row.fs_type!r}, not {wanted.fs_type!r}")
+        if dict(row.parameters) != dict(wanted.parameters):
+            out.append(f"parameters {dict(row.parameters)}, not {dict(wanted.parameters)}")
+        if row.source != wanted.source:
+            have = f"{row.source.kind.value} {row.source.id}" if row.source else "none"
+            want = f"{wanted.source.kind.value} {wanted.source.id}" if wanted.source else "none"
+            out.append(f"content source {have}, not {want}")
+        return out
+
+    def create_volume(self, spec: VolumeSpec) -> Volume:
+        parameters = self.validate_parameters(spec.parameters)
+        if spec.capacity_bytes <= 0:
+            raise InvalidArgument(f"capacity must be positive, got {spec.capacity_bytes}")
+        if not spec.name:
+            raise InvalidArgument("a volume needs a name")
+        wanted = VolumeRow(
+            local_id=ids.volume_id_for(spec.name, self._node).partition("@")[0],
+            name=spec.name,
+            state=State.CREATING,
+            capacity_bytes=self.round_size(spec.capacity_bytes, parameters),
+            access_type=spec.access_type,
+            fs_type=self._fs_type_for(spec),
+            parameters=parameters,
+            source=spec.content_source,
+            created_ns=time.time_ns(),
+        )
+        source_local = self._source_local(spec.content_source)
+        with self._keys.hold(wanted.local_id, source_local):
+            row = self._store.volume(wanted.local_id)
+            if row is not None:
+                differences = self._differences(row, wanted)
+                if row.state is State.READY:
+                    if differences:
+                        raise AlreadyExists(
+                            f"volume {spec.name!r} already exists with " + "; ".join(differences)
+                        )
+                    return self._to_volume(row)
+                if row.state is State.DELETING or differences:
+                    # A volume being deleted, or an unfinished one nobody was ever given
+                    # (the request changed since): clear it away and start afresh.
+                    self._finish_volume_delete(row)
+                    row = None
+            source = self._check_source(spec.content_source, wanted)
+            if row is None:
+                with self._alloc:
+                    self._reserve(wanted.capacity_bytes, f"volume {spec.name!r}")
+                    row = self._store.insert_volume(
+                        wanted, with_project_id=wanted.access_type is AccessType.MOUNT
+                    )
+            else:
+                log.info(f"completing the unfinished creation of volume {spec.name!r}")
+            try:
+                with _system_errors(f"create volume {spec.name!r}"):
+                    self._build_volume(row, source)
+            except Exception:
+                self._undo(lambda: self._finish_volume_delete(row), f"volume {spec.name!r}")
+                raise
+            self._store.set_volume_state(row.local_id, State.READY)
+            ready = self._store.volume(row.local_id)
+            assert ready is not None
+            log.info(
+                "created volume",
+                extra={"volume_id": f"{row.local_id}@{self._node}", "bytes": row.capacity_bytes},
+            )
+            return self._to_volume(ready)
+
+    @staticmethod
+    def _undo(action: Callable[[], None], what: str) -> None:
+        try:
+            action()
+        except Exception:
+            log.exception(
+                f"cannot roll back the failed creation of {what}; a retry or a restart cleans it up"
+            )
+
+    def _source_local(self, source: ContentSource | None) -> str:
+        if source is None:
+            return ""
+        kind = "s" if source.kind is SourceKind.SNAPSHOT else "v"
+        return self._local(source.id, kind) or ""
+
+    def _check_source(self, source: ContentSource | None, wanted: VolumeRow) -> _Source | None:
+        if source is None:
+            return None
+        what = source.kind.value
+        local = self._source_local(source)
+        if source.kind is SourceKind.SNAPSHOT:
+            snap = self._store.snapshot(local) if local else None
+            if snap is None or snap.state is not State.READY:
+                raise NotFound(f"source snapshot {source.id!r} does not exist")
+            access, size, base = snap.access_type, snap.size_bytes, self._snapshot_path(local)
+        else:
+            vol = self._store.volume(local) if local else None
+            if vol is None or vol.state is not State.READY:
+                raise NotFound(f"source volume {source.id!r} does not exist")
+            access, size, base = vol.access_type, vol.capacity_bytes, self._volume_path(local)
+        if access is not wanted.access_type:
+            raise InvalidArgument(
+                f"source {what} {source.id!r} is a {access.value} {what}; a"
+                f" {wanted.access_type.value} volume cannot be made from it"
+            )
+        if size > wanted.capacity_bytes:
+            raise OutOfRange(
+                f"source {what} {source.id!r} holds {size} bytes, more than the requested"
+                f" {wanted.capacity_bytes}"
+            )
+        data = self._data(base, access)
+        if data is None:
+            raise FailedPrecondition(f"the data of source {what} {source.id!r} ({base}) is missing")
+        return _Source(source, data, size)
+
+    def _build_volume(self, row: VolumeRow, source: _Source | None) -> None:
+        path = self._volume_path(row.local_id)
+        # Leftovers of an earlier attempt were never handed out: start from nothing.
+        fsinfo.remove_tree(self._runner, path)
+        if row.access_type is AccessType.MOUNT:
+            os.mkdir(path, PRIVATE_DIR_MODE)
+            os.chmod(path, VOLUME_DIR_MODE)
+            if self._quota is not None and row.project_id is not None:
+                self._quota.assign(path, row.project_id)
+                self._quota.set_limit(row.project_id, row.capacity_bytes)
+            if source is not None:
+                fsinfo.copy_tree(self._runner, source.data, path)
+                fsinfo.sync_filesystem(path)
+            fsinfo.fsync_path(path)
+        else:
+            os.mkdir(path, PRIVATE_DIR_MODE)
+            image = path / IMAGE_NAME
+            if source is not None:
+                fsinfo.copy_file(self._runner, source.data, image)
+            else:
+                fd = os.open(
+                    image,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    IMAGE_MODE,
+                )
+                os.close(fd)
+            self._grow_image(image, row.capacity_bytes)
+            fsinfo.fsync_path(path)
+        fsinfo.fsync_path(self._volumes_dir)
+
+    @staticmethod
+    def _grow_image(image: Path, size: int) -> None:
+        """Make the image at least ``size`` bytes (holes, no data written); never shrink."""
+        fd = os.open(image, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise Internal(f"{image} is not a regular file")
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def delete_volume(self, volume_id: str) -> None:
+        local = self._local(volume_id, "v")
+        if local is None:
+            return
+        with self._keys.hold(local):
+            row = self._store.volume(local)
+            if row is None:
+                path = self._volume_path(local)
+                if os.path.lexists(path):
+                    log.warning(f"removing {path}: storage without a volume (leaked)")
+                    self._remove_leaked(path)
+                return
+            if row.state is not State.DELETING:
+                if row.published:
+                    raise FailedPrecondition(
+                        f"volume {volume_id!r} is still published to {sorted(row.published)};"
+                        " unpublish it first"
+                    )
+                self._refuse_if_in_use(row)
+                self._store.set_volume_state(local, State.DELETING)
+            self._finish_volume_delete(row)
+        log.info("deleted volume", extra={"volume_id": volume_id})
+
+    def _refuse_if_in_use(self, row: VolumeRow) -> None:
+        """Deleting a volume that is mounted somewhere would pull the data from under it."""
+        path = self._volume_path(row.local_id)
+        with _system_errors(f"find out whether volume {row.local_id} is in use"):
+            if row.access_type is AccessType.MOUNT:
+                used = fsinfo.mounts_showing(path) if _is_real_dir(path) else []
+            else:
+                image = self._image(row.local_id)
+                used = [
+                    m
+                    for dev in (self._loops.devices_for(image) if image else [])
+                    for m in fsinfo.mounts_of_device(dev.name) + fsinfo.mounts_showing(dev.name)
+                ]
+        if used:
+            raise FailedPrecondition(
+                f"volume {row.local_id}@{self._node} is still in use, mounted at {sorted(used)};"
+                " unstage and unpublish it first"
+            )
+
+    def _finish_volume_delete(self, row: VolumeRow) -> None:
+        path = self._volume_path(row.local_id)
+        with _system_errors(f"delete volume {row.local_id}"):
+            image = self._image(row.local_id)
+            if image is not None:
+                self._loops.detach_all(image)
+            fsinfo.remove_tree(self._runner, path)
+            if self._quota is not None and row.project_id is not None:
+                try:
+                    self._quota.set_limit(row.project_id, 0)
+                except QuotaError as exc:
+                    log.warning(f"cannot clear the quota of project {row.project_id}: {exc}")
+            fsinfo.fsync_path(self._volumes_dir)
+        self._store.delete_volume(row.local_id)
+
+    def expand_volume(self, volume_id: str, size_bytes: int) -> Volume:
+        row = self._ready_volume(volume_id)
+        with self._keys.hold(row.local_id):
+            row = self._ready_volume(volume_id)
+            size = self.round_size(size_bytes, row.parameters)
+            if size <= row.capacity_bytes:
+                return self._to_volume(row)
+            path = self._volume_path(row.local_id)
+            with self._alloc, _system_errors(f"expand volume {volume_id!r}"):
+                self._reserve(size - row.capacity_bytes, f"growing volume {volume_id!r}")
+                # Storage first: a kill before the row is updated leaves a retry to do it all
+                # again, which is harmless; the other order would lose the growth.
+                if row.access_type is AccessType.BLOCK:
+                    image = self._image(row.local_id)
+                    if image is None:
+                        raise FailedPrecondition(
+                            f"the image {path / IMAGE_NAME} of {volume_id!r} is missing"
+                        )
+                    self._grow_image(image, size)
+                elif self._quota is not None and row.project_id is not None:
+                    self._quota.set_limit(row.project_id, size)
+                self._store.set_volume_capacity(row.local_id, size)
+            log.info("expanded volume", extra={"volume_id": volume_id, "bytes": size})
+            return self._to_volume(self._ready_volume(volume_id))
+
+    def set_published(self, volume_id: str, node_id: str, published: bool) -> None:
+        row = self._ready_volume(volume_id)
+        with self._keys.hold(row.local_id):
+            row = self._ready_volume(volume_id)
+            nodes = row.published | {node_id} if published else row.published - {node_id}
+            if nodes != row.published:
+                self._store.set_published(row.local_id, nodes)
+
+    def volume_condition(self, volume_id: str) -> VolumeCondition:
+        row = self._ready_volume(volume_id)
+        path = self._volume_path(row.local_id)
+        if row.access_type is AccessType.MOUNT:
+            if not _is_real_dir(path):
+                return VolumeCondition(True, f"backing directory {path} is missing")
+            if self._quota is not None and row.project_id is not None:
+                try:
+                    project = project_of(path)
+                except QuotaError as exc:
+                    return VolumeCondition(True, str(exc))
+                if project != (row.project_id, True):
+                    return VolumeCondition(
+                        True, f"the size limit of {path} is not applied (project {project[0]})"
+                    )
+            return VolumeCondition.healthy()
+        image = self._image(row.local_id)
+        if image is None:
+            return VolumeCondition(True, f"backing image {path / IMAGE_NAME} is missing")
+        size = os.lstat(image).st_size
+        if size < row.capacity_bytes:
+            return VolumeCondition(
+                True, f"backing image {image} has {size} bytes, less than {row.capacity_bytes}"
+            )
+        return VolumeCondition.healthy()
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
+        local = self._local(snapshot_id, "s")
+        row = self._store.snapshot(local) if local else None
+        return self._to_snapshot(row) if row and row.state is State.READY else None
+
+    def list_snapshots(self) -> Sequence[Snapshot]:
+        return [self._to_snapshot(r) for r in self._store.snapshots(State.READY)]
+
+    def create_snapshot(
+        self, name: str, source_volume_id: str, parameters: Mapping[str, str]
+    ) -> Snapshot:
+        self.validate_parameters(parameters)
+        if not name:
+            raise InvalidArgument("a snapshot needs a name")
+        local = ids.snapshot_id_for(name, self._node).partition("@")[0]
+        source_local = self._local(source_volume_id, "v") or ""
+        with self._keys.hold(local, source_local):
+            row = self._store.snapshot(local)
+            if row is not None:
+                same = row.source_volume_id == source_volume_id and row.name == name
+                if row.state is State.READY:
+                    if not same:
+                        raise AlreadyExists(
+                            f"snapshot {name!r} already exists, of volume"
+                            f" {row.source_volume_id!r}, not {source_volume_id!r}"
+                        )
+                    return self._to_snapshot(row)
+                if row.state is State.DELETING or not same:
+                    self._finish_snapshot_delete(row)
+                    row = None
+            source = self._store.volume(source_local) if source_local else None
+            if source is None or source.state is not State.READY:
+                raise NotFound(f"source volume {source_volume_id!r} does not exist")
+            data = self._data(self._volume_path(source.local_id), source.access_type)
+            if data is None:
+                raise FailedPrecondition(f"the data of volume {source_volume_id!r} is missing")
+            if row is None:
+                row = SnapshotRow(
+                    local_id=local,
+                    name=name,
+                    state=State.CREATING,
+                    source_volume_id=source_volume_id,
+                    access_type=source.access_type,
+                    size_bytes=source.capacity_bytes,
+                    created_ns=time.time_ns(),
+                )
+                with self._alloc:
+                    self._reserve(row.size_bytes, f"snapshot {name!r}")
+                    self._store.insert_snapshot(row)
+            try:
+                with _system_errors(f"create snapshot {name!r}"):
+                    self._build_snapshot(row, data)
+            except Exception:
+                failed = row
+                self._undo(lambda: self._finish_snapshot_delete(failed), f"snapshot {name!r}")
+                raise
+            self._store.set_snapshot_state(local, State.READY)
+            ready = self._store.snapshot(local)
+            assert ready is not None
+            log.info("created snapshot", extra={"snapshot_id": f"{local}@{self._node}"})
+            return self._to_snapshot(ready)
+
+    def _build_snapshot(self, row: SnapshotRow, data: Path) -> None:
+        path = self._snapshot_path(row.local_id)
+        fsinfo.remove_tree(self._runner, path)
+        os.mkdir(path, PRIVATE_DIR_MODE)
+        if row.access_type is AccessType.MOUNT:
+            fsinfo.copy_tree(self._runner, data, path)
+        else:
+            fsinfo.copy_file(self._runner, data, path / IMAGE_NAME)
+        fsinfo.sync_filesystem(path)
+        fsinfo.fsync_path(path)
+        fsinfo.fsync_path(self._snapshots_dir)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        local = self._local(snapshot_id, "s")
+        if local is None:
+            return
+        with self._keys.hold(local):
+            row = self._store.snapshot(local)
+            if row is None:
+                path = self._snapshot_path(local)
+                if os.path.lexists(path):
+                    with _system_errors(f"remove {path}"):
+                        fsinfo.remove_tree(self._runner, path)
+                return
+            if row.state is not State.DELETING:
+                self._store.set_snapshot_state(local, State.DELETING)
+            self._finish_snapshot_delete(row)
+        log.info("deleted snapshot", extra={"snapshot_id": snapshot_id})
+
+    def _finish_snapshot_delete(self, row: SnapshotRow) -> None:
+        path = self._snapshot_path(row.local_id)
+        with _system_errors(f"delete snapshot {row.local_id}"):
+            fsinfo.remove_tree(self._runner, path)
+            fsinfo.fsync_path(self._snapshots_dir)
+        self._store.delete_snapshot(row.local_id)
+
+    # --- node side ---------------------------------------------------------------------------
+
+    def attach(self, volume_id: str) -> Attachment:
+        row = self._ready_volume(volume_id)
+        path = self._volume_path(row.local_id)
+        if row.access_type is AccessType.MOUNT:
+            if not _is_real_dir(path):
+                raise FailedPrecondition(f"backing directory {path} of {volume_id!r} is missing")
+            return Attachment(AttachmentKind.DIRECTORY, str(path))
+        image = self._image(row.local_id)
+        if image is None:
+            raise FailedPrecondition(
+                f"backing image {path / IMAGE_NAME} of {volume_id!r} is missing"
+            )
+        with self._keys.hold(row.local_id), _system_errors(f"attach {image}"):
+            return Attachment(AttachmentKind.BLOCK_DEVICE, self._loops.attach(image))
+
+    def detach(self, volume_id: str) -> None:
+        local = self._local(volume_id, "v")
+        row = self._store.volume(local) if local else None
+        if row is None or row.access_type is not AccessType.BLOCK:
+            return
+        image = self._image(row.local_id)
+        if image is None:
+            return
+        with self._keys.hold(row.local_id), _system_errors(f"detach {image}"):
+            self._loops.detach_all(image)
+
+    def refresh_attachment(self, volume_id: str) -> None:
+        local = self._local(volume_id, "v")
+        row = self._store.volume(local) if local else None
+        if row is None or row.access_type is not AccessType.BLOCK:
+            return
+        image = self._image(row.local_id)
+        if image is None:
+            return
+        with self._keys.hold(row.local_id), _system_errors(f"resize the loop device of {image}"):
+            self._loops.refresh(image)

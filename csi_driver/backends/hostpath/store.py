@@ -1,0 +1,398 @@
+"""The hostpath backend's state: one SQLite database, the only record of what exists.
+
+Every volume and snapshot is a row that moves through ``creating`` -> ``ready`` ->
+``deleting`` -> (gone). A row is written, and committed with a full fsync, before the
+storage it describes is touched, so after a kill at any point the database says what was
+under way and the backend can finish it (see ``backend.py``).
+
+Every lookup is by primary key or an index, so one operation costs the same with ten volumes
+or ten thousand. The bytes allocated to volumes and snapshots are kept in a one-row table by
+triggers, inside the same transaction as the change, so a capacity check does not add up
+every row and the total cannot drift from the rows it sums.
+
+The database is opened once per backend; one connection is shared by the backend's threads
+under a lock (SQLite calls take microseconds; no copy or command runs under it). A lock file
+next to the database keeps a second driver process away from the same root.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from csi_driver.model import AccessType, ContentSource, SourceKind, frozen_map
+
+SCHEMA_VERSION = 1
+#: project ids are handed out from here up; small numbers are left to the host's admin
+FIRST_PROJECT_ID = 1_000_000
+
+_SCHEMA = """
+CREATE TABLE volumes (
+    local_id        TEXT PRIMARY KEY,
+    name            TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
+    capacity_bytes  INTEGER NOT NULL CHECK (capacity_bytes > 0),
+    access_type     TEXT NOT NULL CHECK (access_type IN ('mount', 'block')),
+    fs_type         TEXT NOT NULL,
+    parameters      TEXT NOT NULL,
+    source_kind     TEXT CHECK (source_kind IN ('snapshot', 'volume')),
+    source_id       TEXT,
+    project_id      INTEGER UNIQUE,
+    published       TEXT NOT NULL DEFAULT '[]',
+    created_ns      INTEGER NOT NULL
+);
+CREATE INDEX volumes_state ON volumes (state);
+
+CREATE TABLE snapshots (
+    local_id          TEXT PRIMARY KEY,
+    name              TEXT NOT NULL,
+    state             TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'deleting')),
+    source_volume_id  TEXT NOT NULL,
+    access_type       TEXT NOT NULL CHECK (access_type IN ('mount', 'block')),
+    size_bytes        INTEGER NOT NULL CHECK (size_bytes > 0),
+    created_ns        INTEGER NOT NULL
+);
+CREATE INDEX snapshots_state ON snapshots (state);
+
+CREATE TABLE allocated (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    bytes  INTEGER NOT NULL
+);
+INSERT INTO allocated VALUES (1, 0);
+
+CREATE TRIGGER volumes_insert AFTER INSERT ON volumes BEGIN
+    UPDATE allocated SET bytes = bytes + NEW.capacity_bytes WHERE id = 1;
+END;
+CREATE TRIGGER volumes_delete AFTER DELETE ON volumes BEGIN
+    UPDATE allocated SET bytes = bytes - OLD.capacity_bytes WHERE id = 1;
+END;
+CREATE TRIGGER volumes_resize AFTER UPDATE OF capacity_bytes ON volumes BEGIN
+    UPDATE allocated SET bytes = bytes - OLD.capacity_bytes + NEW.capacity_bytes WHERE id = 1;
+END;
+CREATE TRIGGER snapshots_insert AFTER INSERT ON snapshots BEGIN
+    UPDATE allocated SET bytes = bytes + NEW.size_bytes WHERE id = 1;
+END;
+CREATE TRIGGER snapshots_delete AFTER DELETE ON snapshots BEGIN
+    UPDATE allocated SET bytes = bytes - OLD.size_bytes WHERE id = 1;
+END;
+"""
+
+_MIGRATIONS: dict[int, str] = {}  # version reached -> SQL from the version before
+
+
+class State(enum.Enum):
+    CREATING = "creating"
+    READY = "ready"
+    DELETING = "deleting"
+
+
+class StoreError(Exception):
+    """The database cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class VolumeRow:
+    local_id: str
+    name: str
+    state: State
+    capacity_bytes: int
+    access_type: AccessType
+    fs_type: str
+    parameters: Mapping[str, str] = field(default_factory=frozen_map)
+    source: ContentSource | None = None
+    project_id: int | None = None
+    published: frozenset[str] = frozenset()
+    created_ns: int = 0
+
+
+@dataclass(frozen=True)
+class SnapshotRow:
+    local_id: str
+    name: str
+    state: State
+    source_volume_id: str
+    access_type: AccessType
+    size_bytes: int
+    created_ns: int
+
+
+_SELECT_VOLUMES = (
+    "SELECT local_id, name, state, capacity_bytes, access_type, fs_type, parameters,"
+    " source_kind, source_id, project_id, published, created_ns FROM volumes"
+)
+_SELECT_SNAPSHOTS = (
+    "SELECT local_id, name, state, source_volume_id, access_type, size_bytes, created_ns"
+    " FROM snapshots"
+)
+_INSERT_VOLUME = (
+    "INSERT INTO volumes (local_id, name, state, capacity_bytes, access_type, fs_type,"
+    " parameters, source_kind, source_id, project_id, published, created_ns)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_INSERT_SNAPSHOT = (
+    "INSERT INTO snapshots (local_id, name, state, source_volume_id, access_type,"
+    " size_bytes, created_ns) VALUES (?,?,?,?,?,?,?)"
+)
+
+
+def _volume(row: tuple[object, ...]) -> VolumeRow:
+    (local_id, name, state, capacity, access, fs_type, params, kind, src, pid, pub, created) = row
+    source = ContentSource(SourceKind(str(kind)), str(src)) if kind is not None else None
+    return VolumeRow(
+        local_id=str(local_id),
+        name=str(name),
+        state=State(state),
+        capacity_bytes=int(str(capacity)),
+        access_type=AccessType(access),
+        fs_type=str(fs_type),
+        parameters=frozen_map(json.loads(str(params))),
+        source=source,
+        project_id=None if pid is None else int(str(pid)),
+        published=frozenset(json.loads(str(pub))),
+        created_ns=int(str(created)),
+    )
+
+
+def _snapshot(row: tuple[object, ...]) -> SnapshotRow:
+    local_id, name, state, source, access, size, created = row
+    return SnapshotRow(
+        local_id=str(local_id),
+        name=str(name),
+        state=State(state),
+        source_volume_id=str(source),
+        access_type=AccessType(access),
+        size_bytes=int(str(size)),
+        created_ns=int(str(created)),
+    )
+
+
+class Store:
+    """Rows of volumes and snapshots. Open once per root; :meth:`close` releases it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._lock_fd = self._take_process_lock(path.with_name(path.name + ".lock"))
+        #: True when this open created the database (an existing root with no database
+        #: has lost its state: the backend must not take its storage for leftovers)
+        self.created = False
+        try:
+            self._db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        try:
+            self._setup()
+        except BaseException:
+            self._db.close()
+            os.close(self._lock_fd)
+            raise
+
+    @staticmethod
+    def _take_process_lock(path: Path) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"{path} is locked: another driver process uses this hostpath root; only one"
+                " may run per root"
+            ) from None
+        return fd
+
+    def _setup(self) -> None:
+        db = self._db
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            raise StoreError(f"{self.path}: cannot switch SQLite to WAL mode (got {mode})")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        with self._transaction() as cur:
+            version = int(cur.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} has schema version {version}, newer than this driver's"
+                    f" {SCHEMA_VERSION}; run a driver at least as new as the one that wrote it"
+                )
+            if version == 0:
+                self.created = True
+                cur.executescript_in_transaction(_SCHEMA)
+            else:
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    cur.executescript_in_transaction(_MIGRATIONS[target])
+            cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            os.close(self._lock_fd)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[_Cursor]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Cursor(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
+
+    def ping(self) -> None:
+        self._query("SELECT 1")
+
+    # --- volumes ---------------------------------------------------------------------------
+
+    def volume(self, local_id: str) -> VolumeRow | None:
+        rows = self._query(_SELECT_VOLUMES + " WHERE local_id = ?", (local_id,))
+        return _volume(rows[0]) if rows else None
+
+    def volumes(self, state: State | None = None) -> list[VolumeRow]:
+        if state is None:
+            rows = self._query(_SELECT_VOLUMES + " ORDER BY local_id")
+        else:
+            rows = self._query(
+                _SELECT_VOLUMES + " WHERE state = ? ORDER BY local_id",
+                (state.value,),
+            )
+        return [_volume(r) for r in rows]
+
+    def insert_volume(self, row: VolumeRow, *, with_project_id: bool) -> VolumeRow:
+        """Insert a new row; with ``with_project_id`` it gets a project id no other volume
+        has (one past the highest in use: an index lookup, not a scan)."""
+        with self._transaction() as cur:
+            project_id = None
+            if with_project_id:
+                top = cur.execute("SELECT MAX(project_id) FROM volumes").fetchone()[0]
+                project_id = FIRST_PROJECT_ID if top is None else int(top) + 1
+            cur.execute(
+                _INSERT_VOLUME,
+                (
+                    row.local_id,
+                    row.name,
+                    row.state.value,
+                    row.capacity_bytes,
+                    row.access_type.value,
+                    row.fs_type,
+                    json.dumps(dict(row.parameters), sort_keys=True),
+                    row.source.kind.value if row.source else None,
+                    row.source.id if row.source else None,
+                    project_id,
+                    json.dumps(sorted(row.published)),
+                    row.created_ns,
+                ),
+            )
+        stored = self.volume(row.local_id)
+        assert stored is not None
+        return stored
+
+    def set_volume_state(self, local_id: str, state: State) -> None:
+        with self._transaction() as cur:
+            cur.execute("UPDATE volumes SET state = ? WHERE local_id = ?", (state.value, local_id))
+
+    def set_volume_capacity(self, local_id: str, capacity_bytes: int) -> None:
+        with self._transaction() as cur:
+            cur.execute(
+                "UPDATE volumes SET capacity_bytes = ? WHERE local_id = ?",
+                (capacity_bytes, local_id),
+            )
+
+    def set_published(self, local_id: str, nodes: frozenset[str]) -> None:
+        with self._transaction() as cur:
+            cur.execute(
+                "UPDATE volumes SET published = ? WHERE local_id = ?",
+                (json.dumps(sorted(nodes)), local_id),
+            )
+
+    def delete_volume(self, local_id: str) -> None:
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM volumes WHERE local_id = ?", (local_id,))
+
+    # --- snapshots -------------------------------------------------------------------------
+
+    def snapshot(self, local_id: str) -> SnapshotRow | None:
+        rows = self._query(_SELECT_SNAPSHOTS + " WHERE local_id = ?", (local_id,))
+        return _snapshot(rows[0]) if rows else None
+
+    def snapshots(self, state: State | None = None) -> list[SnapshotRow]:
+        if state is None:
+            rows = self._query(_SELECT_SNAPSHOTS + " ORDER BY local_id")
+        else:
+            rows = self._query(
+                _SELECT_SNAPSHOTS + " WHERE state = ? ORDER BY local_id",
+                (state.value,),
+            )
+        return [_snapshot(r) for r in rows]
+
+    def insert_snapshot(self, row: SnapshotRow) -> None:
+        with self._transaction() as cur:
+            cur.execute(
+                _INSERT_SNAPSHOT,
+                (
+                    row.local_id,
+                    row.name,
+                    row.state.value,
+                    row.source_volume_id,
+                    row.access_type.value,
+                    row.size_bytes,
+                    row.created_ns,
+                ),
+            )
+
+    def set_snapshot_state(self, local_id: str, state: State) -> None:
+        with self._transaction() as cur:
+            cur.execute(
+                "UPDATE snapshots SET state = ? WHERE local_id = ?", (state.value, local_id)
+            )
+
+    def delete_snapshot(self, local_id: str) -> None:
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM snapshots WHERE local_id = ?", (local_id,))
+
+    # --- totals ----------------------------------------------------------------------------
+
+    def allocated_bytes(self) -> int:
+        """Bytes promised to volumes and snapshots in any state."""
+        return int(str(self._query("SELECT bytes FROM allocated WHERE id = 1")[0][0]))
+
+
+class _Cursor:
+    """The connection inside one transaction (``executescript`` would commit it)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, args)
+
+    def executescript_in_transaction(self, script: str) -> None:
+        for statement in _statements(script):
+            self._db.execute(statement)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a schema script into statements (trigger bodies hold ';' and end in 'END;')."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                yield buffer.strip()
+            buffer = ""
+    if buffer.strip():
+        raise StoreError(f"incomplete SQL statement in the schema: {buffer.strip()[:80]!r}")

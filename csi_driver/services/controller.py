@@ -1,0 +1,607 @@
+"""The CSI Controller service: validate, lock, delegate to the backend, translate back.
+
+What is served depends on the mode:
+
+* standalone: everything for this node's volumes, including ControllerPublish/Unpublish
+  (recorded in the backend and shown by ListVolumes).
+* node (the DaemonSet): everything for this node's volumes except ControllerPublish/Unpublish,
+  which the controller Deployment answers. Nothing records publishes here, so
+  LIST_VOLUMES_PUBLISHED_NODES is not offered either.
+* controller (the Deployment, no storage): ControllerPublish/Unpublish only, decided from the
+  node part of the volume id.
+
+Every field is checked before any lock or backend call, so a rejected request changes nothing.
+Secrets are accepted and ignored (the interceptor redacts them from logs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import grpc
+
+from csi_driver import ids, model
+from csi_driver.backends.base import Backend
+from csi_driver.config import Config, Mode
+from csi_driver.errors import (
+    AlreadyExists,
+    CsiError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
+from csi_driver.locks import KeyLocks
+from csi_driver.proto import csi_pb2, csi_pb2_grpc
+from csi_driver.services import convert, pagination
+from csi_driver.units import GiB
+
+log = logging.getLogger(__name__)
+
+#: the size of a volume whose request names no size (capped by ``limit_bytes``)
+DEFAULT_VOLUME_SIZE = 1 * GiB
+
+_Rpc = csi_pb2.ControllerServiceCapability.RPC
+
+
+def _capabilities(mode: Mode) -> list[csi_pb2.ControllerServiceCapability.RPC.Type]:
+    if mode is Mode.CONTROLLER:
+        return [_Rpc.PUBLISH_UNPUBLISH_VOLUME, _Rpc.SINGLE_NODE_MULTI_WRITER]
+    caps = [
+        _Rpc.CREATE_DELETE_VOLUME,
+        _Rpc.LIST_VOLUMES,
+        _Rpc.GET_CAPACITY,
+        _Rpc.CREATE_DELETE_SNAPSHOT,
+        _Rpc.LIST_SNAPSHOTS,
+        _Rpc.CLONE_VOLUME,
+        _Rpc.EXPAND_VOLUME,
+        _Rpc.VOLUME_CONDITION,
+        _Rpc.GET_VOLUME,
+        _Rpc.SINGLE_NODE_MULTI_WRITER,
+    ]
+    if mode is Mode.STANDALONE:
+        caps += [_Rpc.PUBLISH_UNPUBLISH_VOLUME, _Rpc.LIST_VOLUMES_PUBLISHED_NODES]
+    return caps
+
+
+def _unimplemented(rpc: str, why: str) -> CsiError:
+    return CsiError(f"{rpc} is not offered: {why}", grpc.StatusCode.UNIMPLEMENTED)
+
+
+class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
+    def __init__(self, config: Config, backend: Backend | None, locks: KeyLocks) -> None:
+        self._config = config
+        self._backend = backend
+        self._locks = locks
+        self._node = config.node_id
+        self._key = config.topology_key
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _storage(self, rpc: str) -> Backend:
+        """The backend, or UNIMPLEMENTED in controller mode, which sees no storage."""
+        if self._backend is None:
+            raise _unimplemented(
+                rpc,
+                "this driver runs in controller mode, which only answers ControllerPublishVolume"
+                " and ControllerUnpublishVolume; the node plugin serves it",
+            )
+        return self._backend
+
+    def _local_volume_id(self, value: str, field: str = "volume_id") -> str:
+        """A syntactically valid id of a volume on this node; anything else cannot exist here."""
+        parsed = ids.require_volume_id(value, field)
+        if parsed.node_id != self._node:
+            raise NotFound(
+                f"volume {value!r} lives on node {parsed.node_id!r}, not on {self._node!r}"
+            )
+        return value
+
+    def _existing_volume(self, backend: Backend, volume_id: str) -> model.Volume:
+        volume = backend.get_volume(volume_id)
+        if volume is None:
+            raise NotFound(f"volume {volume_id!r} does not exist")
+        return volume
+
+    def _parameters(self, backend: Backend, parameters: Mapping[str, str]) -> Mapping[str, str]:
+        return backend.validate_parameters(convert.strip_kubernetes_keys(parameters))
+
+    def _is_this_node(self, topology: csi_pb2.Topology) -> bool:
+        # Only this driver's key decides; other segments describe nothing this driver owns.
+        return bool(topology.segments.get(self._key) == self._node)
+
+    def _volume_shape(
+        self, caps: list[model.Capability], backend: Backend
+    ) -> tuple[model.AccessType, str]:
+        """The one access type and filesystem that satisfy every requested capability."""
+        for i, cap in enumerate(caps):
+            if not cap.access_mode.single_node:
+                raise InvalidArgument(
+                    f"volume_capabilities[{i}]: access mode {cap.access_mode.name} is not"
+                    " supported; node-local volumes are single-node only"
+                )
+        types = {cap.access_type for cap in caps}
+        if len(types) > 1:
+            raise InvalidArgument(
+                "volume_capabilities ask for both block and mount access; a volume is one or"
+                " the other"
+            )
+        access_type = types.pop()
+        if access_type is model.AccessType.BLOCK:
+            return access_type, ""
+        supported = list(backend.supported_fs_types())
+        asked = {cap.fs_type for cap in caps if cap.fs_type}
+        if len(asked) > 1:
+            raise InvalidArgument(
+                f"volume_capabilities ask for different filesystems {sorted(asked)}"
+            )
+        if not asked:
+            return access_type, supported[0] if supported else ""
+        fs_type = asked.pop()
+        if fs_type not in supported:
+            raise InvalidArgument(
+                f"fs_type {fs_type!r} is not supported; use one of {supported}"
+                if supported
+                else f"fs_type {fs_type!r} is not supported; leave it empty"
+            )
+        return access_type, fs_type
+
+    def _source(
+        self, backend: Backend, request: csi_pb2.CreateVolumeRequest
+    ) -> tuple[model.ContentSource | None, int]:
+        """The validated content source and its size (0 without a source)."""
+        if not request.HasField("volume_content_source"):
+            return None, 0
+        source = convert.content_source_from_pb(request.volume_content_source)
+        node = source.id.rpartition("@")[2]
+        if source.kind is model.SourceKind.SNAPSHOT:
+            snapshot = backend.get_snapshot(source.id) if node == self._node else None
+            if snapshot is None:
+                raise NotFound(f"source snapshot {source.id!r} does not exist on this node")
+            return source, snapshot.size_bytes
+        volume = backend.get_volume(source.id) if node == self._node else None
+        if volume is None:
+            raise NotFound(f"source volume {source.id!r} does not exist on this node")
+        return source, volume.capacity_bytes
+
+    def _size(
+        self,
+        backend: Backend,
+        request: csi_pb2.CreateVolumeRequest,
+        parameters: Mapping[str, str],
+        source_size: int,
+    ) -> tuple[int, int, int]:
+        """(size to allocate, required, limit). Without a required size a volume gets the
+        size of its source, else DEFAULT_VOLUME_SIZE, never more than the limit."""
+        required, limit = convert.capacity_range(request.capacity_range)
+        wanted = required or source_size or DEFAULT_VOLUME_SIZE
+        if limit and not required:
+            wanted = min(wanted, limit)
+        if wanted < source_size:
+            raise OutOfRange(
+                f"the requested size of {wanted} bytes is smaller than the source's"
+                f" {source_size} bytes; ask for at least that much"
+            )
+        size = backend.round_size(wanted, parameters)
+        if limit and size > limit:
+            raise OutOfRange(
+                f"the smallest volume this backend can allocate for {wanted} bytes is {size}"
+                f" bytes, above limit_bytes {limit}"
+            )
+        return size, required, limit
+
+    def _status_entry(
+        self, backend: Backend, volume: model.Volume
+    ) -> tuple[list[str], csi_pb2.VolumeCondition]:
+        return (
+            sorted(volume.published_nodes),
+            convert.condition_to_pb(backend.volume_condition(volume.id)),
+        )
+
+    # --- volumes ---------------------------------------------------------------------------
+
+    def CreateVolume(
+        self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateVolumeResponse:
+        backend = self._storage("CreateVolume")
+        name = convert.require_name(request.name)
+        caps = convert.capabilities_from_pb(request.volume_capabilities)
+        access_type, fs_type = self._volume_shape(caps, backend)
+        if request.mutable_parameters:
+            raise InvalidArgument(
+                "mutable_parameters are not supported (no MODIFY_VOLUME capability)"
+            )
+        parameters = self._parameters(backend, request.parameters)
+        if request.HasField("accessibility_requirements"):
+            reqs = request.accessibility_requirements
+            binding = list(reqs.requisite) or list(reqs.preferred)
+            if binding and not any(self._is_this_node(t) for t in binding):
+                raise ResourceExhausted(
+                    f"this plugin can only provision on node {self._node!r}"
+                    f" ({self._key}={self._node}), which the accessibility requirements exclude"
+                )
+        source, source_size = self._source(backend, request)
+        size, required, limit = self._size(backend, request, parameters, source_size)
+
+        volume_id = ids.volume_id_for(name, self._node)
+        keys = [f"volume-name:{name}", volume_id] + ([source.id] if source else [])
+        with self._locks.hold(*keys):
+            existing = backend.get_volume(volume_id)
+            if existing is not None:
+                self._check_compatible(existing, name, access_type, fs_type, required, limit)
+            volume = backend.create_volume(
+                model.VolumeSpec(
+                    name=name,
+                    capacity_bytes=size,
+                    access_type=access_type,
+                    fs_type=fs_type,
+                    parameters=model.frozen_map(parameters),
+                    content_source=source,
+                )
+            )
+        out = convert.volume_to_pb(volume, self._key)
+        if source is not None:
+            out.content_source.CopyFrom(convert.content_source_to_pb(source))
+        return csi_pb2.CreateVolumeResponse(volume=out)
+
+    @staticmethod
+    def _check_compatible(
+        existing: model.Volume,
+        name: str,
+        access_type: model.AccessType,
+        fs_type: str,
+        required: int,
+        limit: int,
+    ) -> None:
+        problems = []
+        if existing.name != name:
+            problems.append("another name maps to the same id")
+        if existing.access_type is not access_type:
+            problems.append(f"it is a {existing.access_type.value} volume")
+        if access_type is model.AccessType.MOUNT and existing.fs_type != fs_type:
+            problems.append(f"it has filesystem {existing.fs_type!r}")
+        if existing.capacity_bytes < required or (limit and existing.capacity_bytes > limit):
+            problems.append(f"its size is {existing.capacity_bytes} bytes")
+        if problems:
+            raise AlreadyExists(
+                f"a volume named {name!r} already exists and does not match this request: "
+                + "; ".join(problems)
+            )
+
+    def DeleteVolume(
+        self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteVolumeResponse:
+        backend = self._storage("DeleteVolume")
+        volume_id = convert.require(request.volume_id, "volume_id")
+        parsed = ids.parse(volume_id, "v")
+        if parsed is None:
+            # Not an id this driver ever issued: nothing of it can exist.
+            return csi_pb2.DeleteVolumeResponse()
+        if parsed.node_id != self._node:
+            # Answering OK would let the CO forget storage that still exists on that node.
+            raise FailedPrecondition(
+                f"volume {volume_id!r} lives on node {parsed.node_id!r}; only that node's plugin"
+                " can delete it"
+            )
+        with self._locks.hold(volume_id):
+            backend.delete_volume(volume_id)
+        return csi_pb2.DeleteVolumeResponse()
+
+    def ControllerPublishVolume(
+        self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerPublishVolumeResponse:
+        if self._config.mode is Mode.NODE:
+            raise _unimplemented(
+                "ControllerPublishVolume", "in node mode the controller Deployment answers it"
+            )
+        volume_id = convert.require(request.volume_id, "volume_id")
+        node_id = convert.require(request.node_id, "node_id")
+        cap = convert.capability_from_pb(request.volume_capability)
+        parsed = ids.require_volume_id(volume_id)
+        if not cap.access_mode.single_node:
+            raise InvalidArgument(
+                f"access mode {cap.access_mode.name} is not supported; node-local volumes are"
+                " single-node only"
+            )
+        if self._backend is None:
+            if node_id != parsed.node_id:
+                raise FailedPrecondition(
+                    f"volume {volume_id!r} lives on node {parsed.node_id!r} and can only be"
+                    f" published there, not on {node_id!r}"
+                )
+            return csi_pb2.ControllerPublishVolumeResponse()
+
+        backend = self._backend
+        self._local_volume_id(volume_id)
+        volume = self._existing_volume(backend, volume_id)
+        if node_id != self._node:
+            raise NotFound(
+                f"node {node_id!r} is not known to this plugin (it serves {self._node!r})"
+            )
+        if cap.access_type is not volume.access_type:
+            raise InvalidArgument(
+                f"volume {volume_id!r} is a {volume.access_type.value} volume; it cannot be"
+                f" published for {cap.access_type.value} access"
+            )
+        with self._locks.hold(volume_id):
+            volume = self._existing_volume(backend, volume_id)
+            if node_id not in volume.published_nodes:
+                self._check_attach_limit(backend)
+                backend.set_published(volume_id, node_id, True)
+        return csi_pb2.ControllerPublishVolumeResponse()
+
+    def _check_attach_limit(self, backend: Backend) -> None:
+        limit = self._config.max_volumes_per_node or backend.max_volumes_per_node
+        if limit <= 0:
+            return
+        published = sum(1 for v in backend.list_volumes() if self._node in v.published_nodes)
+        if published >= limit:
+            raise ResourceExhausted(
+                f"node {self._node!r} already has {published} published volumes, its limit"
+            )
+
+    def ControllerUnpublishVolume(
+        self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerUnpublishVolumeResponse:
+        if self._config.mode is Mode.NODE:
+            raise _unimplemented(
+                "ControllerUnpublishVolume", "in node mode the controller Deployment answers it"
+            )
+        volume_id = convert.require(request.volume_id, "volume_id")
+        parsed = ids.parse(volume_id, "v")
+        backend = self._backend
+        # A volume or node that is unknown here was never published by this plugin: done.
+        if backend is None or parsed is None or parsed.node_id != self._node:
+            return csi_pb2.ControllerUnpublishVolumeResponse()
+        if request.node_id and request.node_id != self._node:
+            return csi_pb2.ControllerUnpublishVolumeResponse()
+        with self._locks.hold(volume_id):
+            volume = backend.get_volume(volume_id)
+            if volume is not None and self._node in volume.published_nodes:
+                backend.set_published(volume_id, self._node, False)
+        return csi_pb2.ControllerUnpublishVolumeResponse()
+
+    def ValidateVolumeCapabilities(
+        self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        backend = self._storage("ValidateVolumeCapabilities")
+        volume_id = convert.require(request.volume_id, "volume_id")
+        caps = convert.capabilities_from_pb(request.volume_capabilities)
+        self._local_volume_id(volume_id)
+        volume = self._existing_volume(backend, volume_id)
+
+        problem = self._capability_problem(volume, caps)
+        if problem is None and request.parameters:
+            try:
+                asked = dict(self._parameters(backend, request.parameters))
+            except InvalidArgument as exc:
+                problem = f"parameters: {exc.message}"
+            else:
+                if asked != dict(volume.parameters):
+                    problem = "parameters differ from the ones the volume was created with"
+        if problem is None and request.mutable_parameters:
+            problem = "mutable_parameters are not supported"
+        if problem is not None:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message=problem)
+
+        confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=dict(request.volume_context),
+            volume_capabilities=list(request.volume_capabilities),
+            parameters=dict(request.parameters),
+        )
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    @staticmethod
+    def _capability_problem(volume: model.Volume, caps: Iterable[model.Capability]) -> str | None:
+        for cap in caps:
+            if not cap.access_mode.single_node:
+                return f"access mode {cap.access_mode.name} is not supported (single-node only)"
+            if cap.access_type is not volume.access_type:
+                return f"the volume is a {volume.access_type.value} volume"
+            if (
+                cap.access_type is model.AccessType.MOUNT
+                and cap.fs_type
+                and cap.fs_type != volume.fs_type
+            ):
+                return f"the volume has filesystem {volume.fs_type!r}, not {cap.fs_type!r}"
+        return None
+
+    def ListVolumes(
+        self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListVolumesResponse:
+        backend = self._storage("ListVolumes")
+        page, next_token = pagination.paginate(
+            backend.list_volumes(),
+            lambda v: v.id,
+            "v",
+            request.max_entries,
+            request.starting_token,
+        )
+        entries = []
+        for volume in page:
+            published, condition = self._status_entry(backend, volume)
+            entries.append(
+                csi_pb2.ListVolumesResponse.Entry(
+                    volume=convert.volume_to_pb(volume, self._key),
+                    status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                        published_node_ids=published, volume_condition=condition
+                    ),
+                )
+            )
+        return csi_pb2.ListVolumesResponse(entries=entries, next_token=next_token)
+
+    def ControllerGetVolume(
+        self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetVolumeResponse:
+        backend = self._storage("ControllerGetVolume")
+        volume_id = convert.require(request.volume_id, "volume_id")
+        self._local_volume_id(volume_id)
+        volume = self._existing_volume(backend, volume_id)
+        published, condition = self._status_entry(backend, volume)
+        return csi_pb2.ControllerGetVolumeResponse(
+            volume=convert.volume_to_pb(volume, self._key),
+            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
+                published_node_ids=published, volume_condition=condition
+            ),
+        )
+
+    def GetCapacity(
+        self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetCapacityResponse:
+        backend = self._storage("GetCapacity")
+        caps = [
+            convert.capability_from_pb(c, f"volume_capabilities[{i}]")
+            for i, c in enumerate(request.volume_capabilities)
+        ]
+        parameters = self._parameters(backend, request.parameters)
+        response = csi_pb2.GetCapacityResponse(available_capacity=0)
+        if request.HasField("accessible_topology") and not self._is_this_node(
+            request.accessible_topology
+        ):
+            return response
+        if caps:
+            try:
+                self._volume_shape(caps, backend)
+            except InvalidArgument:
+                return response  # no volume with these capabilities can be made here
+        available = backend.capacity(parameters)
+        response.available_capacity = available
+        # A node-local volume cannot span more than the free space of this one node.
+        response.maximum_volume_size.value = available
+        return response
+
+    def ControllerExpandVolume(
+        self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerExpandVolumeResponse:
+        backend = self._storage("ControllerExpandVolume")
+        volume_id = convert.require(request.volume_id, "volume_id")
+        if not request.HasField("capacity_range"):
+            raise InvalidArgument("capacity_range is required")
+        required, limit = convert.capacity_range(request.capacity_range)
+        if not required and not limit:
+            raise InvalidArgument("capacity_range needs required_bytes or limit_bytes")
+        cap = (
+            convert.capability_from_pb(request.volume_capability)
+            if request.HasField("volume_capability")
+            else None
+        )
+        self._local_volume_id(volume_id)
+        with self._locks.hold(volume_id):
+            volume = self._existing_volume(backend, volume_id)
+            if cap is not None and cap.access_type is not volume.access_type:
+                raise InvalidArgument(
+                    f"volume {volume_id!r} is a {volume.access_type.value} volume, not"
+                    f" {cap.access_type.value}"
+                )
+            if limit and volume.capacity_bytes > limit:
+                raise OutOfRange(
+                    f"volume {volume_id!r} already has {volume.capacity_bytes} bytes, more than"
+                    f" limit_bytes {limit}; volumes cannot shrink"
+                )
+            target = backend.round_size(required, volume.parameters) if required else 0
+            if limit and target > limit:
+                raise OutOfRange(
+                    f"the smallest size this backend can allocate for {required} bytes is"
+                    f" {target} bytes, above limit_bytes {limit}"
+                )
+            if target > volume.capacity_bytes:
+                volume = backend.expand_volume(volume_id, target)
+        # Always true, also when nothing grew: a retried call after a crash must still reach
+        # the node, where the filesystem grows (mount) or the loop device learns its new size
+        # (block); both are no-ops there when there is nothing to do.
+        return csi_pb2.ControllerExpandVolumeResponse(
+            capacity_bytes=volume.capacity_bytes, node_expansion_required=True
+        )
+
+    def ControllerModifyVolume(
+        self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerModifyVolumeResponse:
+        raise _unimplemented("ControllerModifyVolume", "volume attribute classes are not supported")
+
+    # --- snapshots -------------------------------------------------------------------------
+
+    def CreateSnapshot(
+        self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateSnapshotResponse:
+        backend = self._storage("CreateSnapshot")
+        name = convert.require_name(request.name)
+        source_id = convert.require(request.source_volume_id, "source_volume_id")
+        self._local_volume_id(source_id, "source_volume_id")
+        parameters = convert.strip_kubernetes_keys(request.parameters)
+        snapshot_id = ids.snapshot_id_for(name, self._node)
+        with self._locks.hold(f"snapshot-name:{name}", snapshot_id, source_id):
+            existing = backend.get_snapshot(snapshot_id)
+            if existing is not None and existing.source_volume_id != source_id:
+                raise AlreadyExists(
+                    f"snapshot {name!r} already exists for volume {existing.source_volume_id!r}"
+                )
+            if existing is None:
+                self._existing_volume(backend, source_id)
+            snapshot = backend.create_snapshot(name, source_id, parameters)
+        return csi_pb2.CreateSnapshotResponse(snapshot=convert.snapshot_to_pb(snapshot))
+
+    def DeleteSnapshot(
+        self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteSnapshotResponse:
+        backend = self._storage("DeleteSnapshot")
+        snapshot_id = convert.require(request.snapshot_id, "snapshot_id")
+        parsed = ids.parse(snapshot_id, "s")
+        if parsed is None:
+            return csi_pb2.DeleteSnapshotResponse()
+        if parsed.node_id != self._node:
+            raise FailedPrecondition(
+                f"snapshot {snapshot_id!r} lives on node {parsed.node_id!r}; only that node's"
+                " plugin can delete it"
+            )
+        with self._locks.hold(snapshot_id):
+            backend.delete_snapshot(snapshot_id)
+        return csi_pb2.DeleteSnapshotResponse()
+
+    def ListSnapshots(
+        self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListSnapshotsResponse:
+        backend = self._storage("ListSnapshots")
+        pagination.check_max_entries(request.max_entries)
+        snapshots: list[model.Snapshot]
+        if request.snapshot_id:
+            # An id that is malformed or not of this node names nothing here: empty, not error.
+            parsed = ids.parse(request.snapshot_id, "s")
+            found = (
+                backend.get_snapshot(request.snapshot_id)
+                if parsed is not None and parsed.node_id == self._node
+                else None
+            )
+            snapshots = [found] if found is not None else []
+        else:
+            snapshots = list(backend.list_snapshots())
+        if request.source_volume_id:
+            snapshots = [s for s in snapshots if s.source_volume_id == request.source_volume_id]
+        page, next_token = pagination.paginate(
+            snapshots, lambda s: s.id, "s", request.max_entries, request.starting_token
+        )
+        return csi_pb2.ListSnapshotsResponse(
+            entries=[
+                csi_pb2.ListSnapshotsResponse.Entry(snapshot=convert.snapshot_to_pb(s))
+                for s in page
+            ],
+            next_token=next_token,
+        )
+
+    def GetSnapshot(
+        self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetSnapshotResponse:
+        raise _unimplemented("GetSnapshot", "the GET_SNAPSHOT capability is not offered")
+
+    # --- capabilities ----------------------------------------------------------------------
+
+    def ControllerGetCapabilities(
+        self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        return csi_pb2.ControllerGetCapabilitiesResponse(
+            capabilities=[
+                csi_pb2.ControllerServiceCapability(rpc=_Rpc(type=t))
+                for t in _capabilities(self._config.mode)
+            ]
+        )

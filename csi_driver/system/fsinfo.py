@@ -1,0 +1,150 @@
+"""Facts about the filesystem holding a path, and copying data within it.
+
+Space numbers come from ``statvfs``; the filesystem type and its superblock options (which
+say, for example, whether XFS enforces project quotas) come from the mount table, because
+``statvfs`` does not report them. Copies go through ``cp`` with ``--reflink=auto`` so that a
+filesystem able to share extents (XFS with reflink, btrfs) makes an instant, space-free copy
+and any other filesystem gets an ordinary one; ``cp`` also keeps sparse files sparse.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from csi_driver.system.mounter import MOUNTINFO, MountInfo, parse_mountinfo
+from csi_driver.system.runner import Runner
+
+#: copying a large volume takes long; a hung copy must still end eventually
+COPY_TIMEOUT = 6 * 3600.0
+
+
+class FsInfoError(Exception):
+    """A filesystem fact could not be read; the message names the path and the cause."""
+
+
+@dataclass(frozen=True)
+class Space:
+    total_bytes: int
+    free_bytes: int  # what an unprivileged writer can still use (f_bavail)
+
+
+def space(path: str | Path) -> Space:
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        raise FsInfoError(f"statvfs {path}: {exc.strerror}") from exc
+    unit = st.f_frsize or st.f_bsize
+    return Space(total_bytes=st.f_blocks * unit, free_bytes=st.f_bavail * unit)
+
+
+def mount_of(path: str | Path, mountinfo: str = MOUNTINFO) -> MountInfo:
+    """The mount that holds ``path``: the longest mount point above it, the topmost one when
+    several are stacked there (mountinfo lists them in mount order)."""
+    real = os.path.realpath(path)
+    try:
+        with open(mountinfo, "rb") as f:
+            mounts = parse_mountinfo(f.read())
+    except OSError as exc:
+        raise FsInfoError(f"cannot read {mountinfo}: {exc.strerror}") from exc
+    best: MountInfo | None = None
+    for m in mounts:
+        mp = m.mount_point
+        inside = real == mp or mp == "/" or real.startswith(mp.rstrip("/") + "/")
+        if inside and (best is None or len(mp) >= len(best.mount_point)):
+            best = m
+    if best is None:
+        raise FsInfoError(f"no mount in {mountinfo} holds {real}")
+    return best
+
+
+def mounts_showing(path: str | Path, mountinfo: str = MOUNTINFO) -> list[str]:
+    """Mount points that show ``path`` or something below it (bind mounts of a directory or
+    of a device node): the ways it is in use through the mount table."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+        with open(mountinfo, "rb") as f:
+            mounts = parse_mountinfo(f.read())
+    except OSError as exc:
+        raise FsInfoError(f"cannot look up the mounts of {real}: {exc.strerror}") from exc
+    holder = mount_of(real, mountinfo)
+    inner = os.path.normpath(os.path.join(holder.root, os.path.relpath(real, holder.mount_point)))
+    dev = (os.major(st.st_dev), os.minor(st.st_dev))
+    return [
+        m.mount_point
+        for m in mounts
+        if (m.major, m.minor) == dev
+        and (m.root == inner or m.root.startswith(inner.rstrip("/") + "/"))
+    ]
+
+
+def mounts_of_device(device: str, mountinfo: str = MOUNTINFO) -> list[str]:
+    """Mount points of filesystems on block device ``device``."""
+    try:
+        rdev = os.stat(device).st_rdev
+        with open(mountinfo, "rb") as f:
+            mounts = parse_mountinfo(f.read())
+    except OSError as exc:
+        raise FsInfoError(f"cannot look up the mounts of {device}: {exc.strerror}") from exc
+    dev = (os.major(rdev), os.minor(rdev))
+    return [m.mount_point for m in mounts if (m.major, m.minor) == dev]
+
+
+def fs_type_of(path: str | Path, mountinfo: str = MOUNTINFO) -> str:
+    return mount_of(path, mountinfo).fs_type
+
+
+def copy_tree(runner: Runner, source: Path, destination: Path) -> None:
+    """Copy the contents of directory ``source`` into the existing directory ``destination``,
+    keeping ownership, modes, timestamps, links, xattrs and ACLs where the filesystem can;
+    symlinks are copied as links, never followed."""
+    runner.run(
+        ["cp", "-a", "--reflink=auto", "--", f"{source}/.", f"{destination}/"],
+        timeout=COPY_TIMEOUT,
+    )
+
+
+def copy_file(runner: Runner, source: Path, destination: Path) -> None:
+    """Copy one regular file (a disk image), sharing extents where possible, holes kept."""
+    runner.run(
+        ["cp", "--reflink=auto", "--no-dereference", "--", str(source), str(destination)],
+        timeout=COPY_TIMEOUT,
+    )
+
+
+def fsync_path(path: Path) -> None:
+    """Make a file's data, or a directory's entries, durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_filesystem(path: Path) -> None:
+    """``syncfs(2)`` on the filesystem holding ``path``: after a copy made by another
+    program, the cheapest way to know every copied file is on disk."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise FsInfoError(f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def remove_tree(runner: Runner, path: Path) -> None:
+    """Remove ``path`` and everything below it. Symlinks are removed, never followed, and
+    nothing on another filesystem is touched: a mount found inside makes this fail instead
+    of emptying whatever is mounted there."""
+    if not os.path.lexists(path):
+        return
+    runner.run(
+        ["rm", "-r", "-f", "--one-file-system", "--preserve-root=all", "--", str(path)],
+        timeout=COPY_TIMEOUT,
+    )

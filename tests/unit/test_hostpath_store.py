@@ -1,0 +1,719 @@
+"""The hostpath backend's state and its rules, on temporary directories (no root, no devices).
+
+The database (store.py) is checked directly for what it promises: schema versioning, one
+process per root, the allocated-bytes total, unique project ids. The backend on top is
+checked for the rules that need no loop device or quota: idempotent create, ALREADY_EXISTS
+saying what differs, capacity accounting, recovery after a kill at each step, bad input
+changing nothing. Loop devices, real copies of images and path attacks run as root in
+tests/integration/test_hostpath_backend.py; enforced quotas in tests/vm.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from csi_driver import ids
+from csi_driver.backends.hostpath import backend as backend_mod
+from csi_driver.backends.hostpath.backend import (
+    IMAGE_NAME,
+    SIZE_ENFORCED_KEY,
+    HostPathBackend,
+)
+from csi_driver.backends.hostpath.store import (
+    FIRST_PROJECT_ID,
+    SCHEMA_VERSION,
+    SnapshotRow,
+    State,
+    Store,
+    StoreError,
+    VolumeRow,
+)
+from csi_driver.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
+from csi_driver.model import AccessType, ContentSource, SourceKind, VolumeSpec, frozen_map
+from csi_driver.system import fsinfo
+from csi_driver.system.runner import DEFAULT_TIMEOUT, CommandError, CommandResult, SubprocessRunner
+from csi_driver.units import MiB
+
+NODE = "unit-node"
+
+
+class FailingRunner:
+    """The real runner, except that programs named in ``fail`` exit 1."""
+
+    def __init__(self) -> None:
+        self.real = SubprocessRunner()
+        self.fail: set[str] = set()
+        self.calls: list[tuple[str, ...]] = []
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        check: bool = True,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> CommandResult:
+        self.calls.append(tuple(argv))
+        if argv[0] in self.fail:
+            raise CommandError(argv, 1, "", f"{argv[0]}: injected failure")
+        return self.real.run(argv, timeout=timeout, check=check, input=input, env=env)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, not even ``except Exception`` handlers."""
+
+
+@pytest.fixture
+def runner() -> FailingRunner:
+    return FailingRunner()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def open_backend(root: Path, runner: FailingRunner) -> Iterator[_Opener]:
+    opener = _Opener(root, runner)
+    try:
+        yield opener
+    finally:
+        opener.close()
+
+
+class _Opener:
+    """Opens backends on one root; closes the previous one first, as a restart does."""
+
+    def __init__(self, root: Path, runner: FailingRunner) -> None:
+        self.root = root
+        self.runner = runner
+        self.current: HostPathBackend | None = None
+
+    def __call__(self, capacity: int | None = 64 * MiB) -> HostPathBackend:
+        self.close()
+        self.current = HostPathBackend(self.root, capacity, NODE, self.runner)
+        return self.current
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+
+def spec(
+    name: str,
+    size: int = 4 * MiB,
+    access: AccessType = AccessType.MOUNT,
+    fs_type: str = "",
+    source: ContentSource | None = None,
+    parameters: Mapping[str, str] | None = None,
+) -> VolumeSpec:
+    return VolumeSpec(name, size, access, fs_type, frozen_map(parameters), source)
+
+
+def local(volume_id: str) -> str:
+    return volume_id.partition("@")[0]
+
+
+def storage(root: Path) -> list[str]:
+    """Everything under volumes/ and snapshots/, as relative paths."""
+    return sorted(
+        str(p.relative_to(root))
+        for d in ("volumes", "snapshots")
+        if (root / d).exists()
+        for p in (root / d).rglob("*")
+    )
+
+
+def volume_row(local_id: str, **kw: object) -> VolumeRow:
+    fields: dict[str, object] = {
+        "local_id": local_id,
+        "name": local_id,
+        "state": State.READY,
+        "capacity_bytes": MiB,
+        "access_type": AccessType.MOUNT,
+        "fs_type": "ext4",
+        "created_ns": 1,
+    }
+    fields.update(kw)
+    return VolumeRow(**fields)  # type: ignore[arg-type]
+
+
+def other_fs_type(backend: HostPathBackend) -> str:
+    return "btrfs" if backend.supported_fs_types()[0] != "btrfs" else "xfs"
+
+
+# --- the database ----------------------------------------------------------------------------
+
+
+def test_schema_is_versioned_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    assert store.created
+    store.close()
+    db = sqlite3.connect(tmp_path / "state.db")
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+    again = Store(tmp_path / "state.db")
+    try:
+        assert not again.created
+        assert again._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        again.close()
+
+
+def test_a_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
+    Store(tmp_path / "state.db").close()
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(tmp_path / "state.db")
+    db = sqlite3.connect(tmp_path / "state.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 99
+    db.close()
+
+
+def test_only_one_store_per_database(tmp_path: Path) -> None:
+    first = Store(tmp_path / "state.db")
+    try:
+        with pytest.raises(StoreError, match="another driver process"):
+            Store(tmp_path / "state.db")
+    finally:
+        first.close()
+    Store(tmp_path / "state.db").close()
+
+
+def test_allocated_bytes_follow_every_change(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    try:
+        store.insert_volume(
+            volume_row("v" + "1" * 32, capacity_bytes=3 * MiB), with_project_id=False
+        )
+        store.insert_volume(
+            volume_row("v" + "2" * 32, capacity_bytes=5 * MiB), with_project_id=False
+        )
+        assert store.allocated_bytes() == 8 * MiB
+        store.set_volume_capacity("v" + "1" * 32, 4 * MiB)
+        assert store.allocated_bytes() == 9 * MiB
+        store.insert_snapshot(
+            SnapshotRow("s" + "1" * 32, "s", State.READY, "x", AccessType.MOUNT, 2 * MiB, 1)
+        )
+        assert store.allocated_bytes() == 11 * MiB
+        store.delete_volume("v" + "2" * 32)
+        store.delete_snapshot("s" + "1" * 32)
+        assert store.allocated_bytes() == 4 * MiB
+        with pytest.raises(sqlite3.IntegrityError):
+            store.insert_volume(volume_row("v" + "1" * 32), with_project_id=False)
+        assert store.allocated_bytes() == 4 * MiB  # the failed insert changed nothing
+    finally:
+        store.close()
+
+
+def test_project_ids_are_unique_and_survive_reopening(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    try:
+        got = [
+            store.insert_volume(volume_row(f"v{i:032x}"), with_project_id=True).project_id
+            for i in range(5)
+        ]
+        assert got == list(range(FIRST_PROJECT_ID, FIRST_PROJECT_ID + 5))
+        plain = store.insert_volume(volume_row("v" + "f" * 32), with_project_id=False)
+        assert plain.project_id is None
+        store.delete_volume(f"v{1:032x}")  # a hole in the middle
+    finally:
+        store.close()
+    store = Store(tmp_path / "state.db")
+    try:
+        more = [
+            store.insert_volume(volume_row(f"v{i:032x}"), with_project_id=True).project_id
+            for i in range(10, 13)
+        ]
+        in_use = [r.project_id for r in store.volumes() if r.project_id is not None]
+        assert len(in_use) == len(set(in_use)) == 7
+        assert not set(more) & set(got)
+    finally:
+        store.close()
+
+
+def test_rows_round_trip(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    try:
+        source = ContentSource(SourceKind.SNAPSHOT, "s" + "a" * 32 + "@n")
+        row = volume_row(
+            "v" + "3" * 32, parameters=frozen_map({"a": "b"}), source=source, state=State.CREATING
+        )
+        store.insert_volume(row, with_project_id=False)
+        store.set_published(row.local_id, frozenset({"n2", "n1"}))
+        store.set_volume_state(row.local_id, State.READY)
+        got = store.volume(row.local_id)
+        assert got is not None
+        assert got.source == source and dict(got.parameters) == {"a": "b"}
+        assert got.published == {"n1", "n2"} and got.state is State.READY
+        assert [r.local_id for r in store.volumes(State.CREATING)] == []
+        assert store.volume("v" + "4" * 32) is None
+    finally:
+        store.close()
+
+
+# --- create, idempotency, ALREADY_EXISTS ------------------------------------------------------
+
+
+def test_create_is_idempotent_and_the_id_comes_from_the_name(open_backend: _Opener) -> None:
+    backend = open_backend()
+    first = backend.create_volume(spec("pvc-a", 3 * MiB + 1))
+    assert first.id == ids.volume_id_for("pvc-a", NODE)
+    assert first.capacity_bytes == 3 * MiB + 4096
+    assert first.fs_type == backend.supported_fs_types()[0]
+    assert first.context[SIZE_ENFORCED_KEY] == "false"
+    again = backend.create_volume(spec("pvc-a", 3 * MiB + 1, fs_type=first.fs_type))
+    assert again == first
+    assert backend.get_volume(first.id) == first
+    assert [v.id for v in backend.list_volumes()] == [first.id]
+    path = open_backend.root / "volumes" / local(first.id)
+    assert path.is_dir() and (os.stat(path).st_mode & 0o777) == 0o777
+
+
+def test_a_different_request_for_the_same_name_says_what_differs(open_backend: _Opener) -> None:
+    backend = open_backend()
+    backend.create_volume(spec("pvc-a", 4 * MiB))
+    with pytest.raises(AlreadyExists, match="capacity 4194304 bytes, not 8388608"):
+        backend.create_volume(spec("pvc-a", 8 * MiB))
+    with pytest.raises(AlreadyExists, match="access type mount, not block"):
+        backend.create_volume(spec("pvc-a", 4 * MiB, AccessType.BLOCK))
+    snap = backend.create_snapshot("snap", ids.volume_id_for("pvc-a", NODE), {})
+    with pytest.raises(AlreadyExists, match="content source none"):
+        backend.create_volume(
+            spec("pvc-a", 4 * MiB, source=ContentSource(SourceKind.SNAPSHOT, snap.id))
+        )
+    assert len(backend.list_volumes()) == 1
+
+
+def test_an_expanded_volume_still_answers_its_original_request(open_backend: _Opener) -> None:
+    backend = open_backend()
+    volume = backend.create_volume(spec("pvc-a", 4 * MiB))
+    backend.expand_volume(volume.id, 8 * MiB)
+    again = backend.create_volume(spec("pvc-a", 4 * MiB))
+    assert again.id == volume.id and again.capacity_bytes == 8 * MiB
+
+
+def test_bad_input_changes_nothing(open_backend: _Opener) -> None:
+    backend = open_backend()
+    with pytest.raises(InvalidArgument, match="unknown parameters \\['speed'\\]"):
+        backend.create_volume(spec("pvc-a", parameters={"speed": "fast"}))
+    with pytest.raises(InvalidArgument, match="is not possible"):
+        backend.create_volume(spec("pvc-a", fs_type=other_fs_type(backend)))
+    with pytest.raises(InvalidArgument, match="block volume"):
+        backend.create_volume(spec("pvc-a", access=AccessType.BLOCK, fs_type="ext4"))
+    with pytest.raises(InvalidArgument):
+        backend.validate_parameters({"anything": "x"})
+    with pytest.raises(InvalidArgument):
+        backend.capacity({"anything": "x"})
+    with pytest.raises(InvalidArgument):
+        backend.create_snapshot("s", ids.volume_id_for("x", NODE), {"k": "v"})
+    with pytest.raises(NotFound):
+        backend.create_volume(
+            spec(
+                "pvc-b", source=ContentSource(SourceKind.SNAPSHOT, ids.snapshot_id_for("no", NODE))
+            )
+        )
+    with pytest.raises(NotFound):
+        backend.create_volume(
+            spec("pvc-b", source=ContentSource(SourceKind.VOLUME, ids.volume_id_for("no", NODE)))
+        )
+    assert backend.list_volumes() == []
+    assert storage(open_backend.root) == []
+    assert backend._store.allocated_bytes() == 0
+    assert backend.validate_parameters({}) == {}
+
+
+def test_sizes_round_up_to_whole_blocks(open_backend: _Opener) -> None:
+    backend = open_backend()
+    assert backend.round_size(1, {}) == 4096
+    assert backend.round_size(0, {}) == 4096
+    assert backend.round_size(4096, {}) == 4096
+    assert backend.round_size(4097, {}) == 8192
+    block = backend.create_volume(spec("blk", 5000, AccessType.BLOCK))
+    image = open_backend.root / "volumes" / local(block.id) / IMAGE_NAME
+    assert block.capacity_bytes == image.stat().st_size == 8192
+    assert block.fs_type == "" and block.context[SIZE_ENFORCED_KEY] == "true"
+
+
+# --- capacity --------------------------------------------------------------------------------
+
+
+def test_capacity_accounts_volumes_and_snapshots(open_backend: _Opener) -> None:
+    backend = open_backend(capacity=10 * MiB)
+    assert backend.capacity({}) == 10 * MiB
+    a = backend.create_volume(spec("a", 6 * MiB))
+    assert backend.capacity({}) == 4 * MiB
+    with pytest.raises(ResourceExhausted, match="4194304 bytes available"):
+        backend.create_volume(spec("b", 6 * MiB))
+    with pytest.raises(ResourceExhausted):
+        backend.create_snapshot("snap", a.id, {})
+    with pytest.raises(ResourceExhausted):
+        backend.expand_volume(a.id, 12 * MiB)
+    assert backend.get_volume(a.id) == a  # nothing changed
+    assert storage(open_backend.root) == [f"volumes/{local(a.id)}"]
+    backend.create_volume(spec("b", 4 * MiB))
+    assert backend.capacity({}) == 0
+    backend.delete_volume(a.id)
+    assert backend.capacity({}) == 6 * MiB
+    # the total is kept across restarts
+    assert open_backend(capacity=10 * MiB).capacity({}) == 6 * MiB
+
+
+def test_without_a_configured_capacity_the_filesystem_is_the_limit(open_backend: _Opener) -> None:
+    backend = open_backend(capacity=None)
+    room = fsinfo.space(open_backend.root)
+    assert 0 < backend.capacity({}) <= room.free_bytes
+    with pytest.raises(ResourceExhausted):
+        backend.create_volume(spec("huge", room.total_bytes + MiB))
+    assert storage(open_backend.root) == []
+
+
+# --- crash recovery --------------------------------------------------------------------------
+
+
+def test_a_create_killed_half_way_is_completed_by_its_retry(
+    open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = open_backend()
+    built = HostPathBackend._build_volume
+
+    def killed_after_building(self: HostPathBackend, row: VolumeRow, source: object) -> None:
+        built(self, row, source)  # type: ignore[arg-type]
+        (self._volume_path(row.local_id) / "half-copied").write_text("junk")
+        raise Killed
+
+    monkeypatch.setattr(HostPathBackend, "_build_volume", killed_after_building)
+    with pytest.raises(Killed):
+        backend.create_volume(spec("pvc-a", 4 * MiB))
+    monkeypatch.undo()
+
+    backend = open_backend()  # the restart
+    volume_id = ids.volume_id_for("pvc-a", NODE)
+    row = backend._store.volume(local(volume_id))
+    assert row is not None and row.state is State.CREATING
+    assert backend.get_volume(volume_id) is None
+    assert backend.list_volumes() == []
+    assert backend.capacity({}) == 60 * MiB  # still reserved for the retry
+    volume = backend.create_volume(spec("pvc-a", 4 * MiB))
+    assert volume.id == volume_id
+    assert list((open_backend.root / "volumes" / local(volume_id)).iterdir()) == []
+    assert backend.capacity({}) == 60 * MiB
+
+
+def test_an_unfinished_create_gives_way_to_a_changed_request(
+    open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = open_backend()
+    monkeypatch.setattr(HostPathBackend, "_build_volume", lambda *a: (_ for _ in ()).throw(Killed))
+    with pytest.raises(Killed):
+        backend.create_volume(spec("pvc-a", 4 * MiB))
+    monkeypatch.undo()
+    volume = open_backend().create_volume(spec("pvc-a", 8 * MiB, AccessType.BLOCK))
+    assert volume.capacity_bytes == 8 * MiB and volume.access_type is AccessType.BLOCK
+    assert open_backend.current is not None
+    assert open_backend.current.capacity({}) == 56 * MiB
+
+
+def test_a_delete_killed_half_way_is_finished_at_start(
+    open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = open_backend()
+    volume = backend.create_volume(spec("pvc-a", 4 * MiB))
+    snap = backend.create_snapshot("snap-a", volume.id, {})
+    monkeypatch.setattr(
+        HostPathBackend, "_finish_volume_delete", lambda *a: (_ for _ in ()).throw(Killed)
+    )
+    monkeypatch.setattr(
+        HostPathBackend, "_finish_snapshot_delete", lambda *a: (_ for _ in ()).throw(Killed)
+    )
+    with pytest.raises(Killed):
+        backend.delete_volume(volume.id)
+    with pytest.raises(Killed):
+        backend.delete_snapshot(snap.id)
+    monkeypatch.undo()
+    deleting = backend._store.volume(local(volume.id))
+    assert deleting is not None and deleting.state is State.DELETING
+    assert backend.get_volume(volume.id) is None  # already gone for the CO
+
+    backend = open_backend()
+    assert backend._store.volume(local(volume.id)) is None
+    assert backend._store.snapshot(local(snap.id)) is None
+    assert storage(open_backend.root) == []
+    assert backend.capacity({}) == 64 * MiB
+
+
+def test_leaked_storage_is_removed_at_start_and_foreign_files_are_left(
+    open_backend: _Opener,
+) -> None:
+    backend = open_backend()
+    kept = backend.create_volume(spec("kept", 4 * MiB))
+    open_backend.close()
+    root = open_backend.root
+    leaked_dir = root / "volumes" / ("v" + "a" * 32)
+    leaked_dir.mkdir()
+    (leaked_dir / "data").write_text("x")
+    leaked_block = root / "volumes" / ("v" + "b" * 32)
+    leaked_block.mkdir()
+    (leaked_block / IMAGE_NAME).write_bytes(b"\0" * 4096)
+    leaked_snap = root / "snapshots" / ("s" + "c" * 32)
+    leaked_snap.mkdir()
+    foreign = root / "volumes" / "lost+found"
+    foreign.mkdir()
+
+    open_backend()
+    assert not leaked_dir.exists() and not leaked_block.exists() and not leaked_snap.exists()
+    assert foreign.is_dir()
+    assert (root / "volumes" / local(kept.id)).is_dir()
+
+
+def test_a_lost_database_is_not_mistaken_for_leaked_storage(open_backend: _Opener) -> None:
+    backend = open_backend()
+    volume = backend.create_volume(spec("pvc-a", 4 * MiB))
+    (open_backend.root / "volumes" / local(volume.id) / "precious").write_text("data")
+    open_backend.close()
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        (open_backend.root / name).unlink(missing_ok=True)
+    with pytest.raises(RuntimeError, match="state database was lost"):
+        open_backend()
+    assert (open_backend.root / "volumes" / local(volume.id) / "precious").read_text() == "data"
+
+
+def test_a_failed_copy_is_rolled_back(open_backend: _Opener, runner: FailingRunner) -> None:
+    backend = open_backend()
+    source = backend.create_volume(spec("src", 4 * MiB))
+    (open_backend.root / "volumes" / local(source.id) / "f").write_text("x")
+    before = storage(open_backend.root)
+    runner.fail.add("cp")
+    with pytest.raises(Internal, match="injected failure"):
+        backend.create_volume(
+            spec("clone", 4 * MiB, source=ContentSource(SourceKind.VOLUME, source.id))
+        )
+    with pytest.raises(Internal):
+        backend.create_snapshot("snap", source.id, {})
+    assert storage(open_backend.root) == before
+    assert backend._store.volume(local(ids.volume_id_for("clone", NODE))) is None
+    assert backend.list_snapshots() == []
+    assert backend.capacity({}) == 60 * MiB
+    runner.fail.clear()
+    clone = backend.create_volume(
+        spec("clone", 4 * MiB, source=ContentSource(SourceKind.VOLUME, source.id))
+    )
+    assert (open_backend.root / "volumes" / local(clone.id) / "f").read_text() == "x"
+
+
+# --- snapshots and content sources ------------------------------------------------------------
+
+
+def test_snapshot_names_and_sources(open_backend: _Opener) -> None:
+    backend = open_backend()
+    a = backend.create_volume(spec("a", 4 * MiB))
+    b = backend.create_volume(spec("b", 4 * MiB))
+    snap = backend.create_snapshot("snap", a.id, {})
+    assert snap.id == ids.snapshot_id_for("snap", NODE)
+    assert snap.size_bytes == 4 * MiB and snap.source_volume_id == a.id and snap.ready
+    assert backend.create_snapshot("snap", a.id, {}) == snap
+    with pytest.raises(AlreadyExists, match="of volume"):
+        backend.create_snapshot("snap", b.id, {})
+    with pytest.raises(NotFound):
+        backend.create_snapshot("other", ids.volume_id_for("missing", NODE), {})
+    with pytest.raises(NotFound):
+        backend.create_snapshot("other", "v" + "0" * 32 + "@another-node", {})
+    assert backend.list_snapshots() == [snap]
+    assert backend.get_snapshot(snap.id) == snap
+    backend.delete_volume(a.id)  # snapshots are independent copies
+    assert backend.get_snapshot(snap.id) == snap
+    restored = backend.create_volume(
+        spec("r", 4 * MiB, source=ContentSource(SourceKind.SNAPSHOT, snap.id))
+    )
+    assert restored.content_source == ContentSource(SourceKind.SNAPSHOT, snap.id)
+    backend.delete_snapshot(snap.id)
+    backend.delete_snapshot(snap.id)
+    assert backend.get_snapshot(snap.id) is None
+
+
+def test_content_sources_must_fit(open_backend: _Opener) -> None:
+    backend = open_backend()
+    a = backend.create_volume(spec("a", 8 * MiB))
+    snap = backend.create_snapshot("snap", a.id, {})
+    with pytest.raises(OutOfRange, match="more than the requested"):
+        backend.create_volume(
+            spec("small", 4 * MiB, source=ContentSource(SourceKind.SNAPSHOT, snap.id))
+        )
+    with pytest.raises(OutOfRange):
+        backend.create_volume(spec("small", 4 * MiB, source=ContentSource(SourceKind.VOLUME, a.id)))
+    with pytest.raises(InvalidArgument, match="mount snapshot"):
+        backend.create_volume(
+            spec(
+                "blk", 8 * MiB, AccessType.BLOCK, source=ContentSource(SourceKind.SNAPSHOT, snap.id)
+            )
+        )
+    with pytest.raises(AlreadyExists, match="content source none"):
+        backend.create_volume(spec("a", 8 * MiB, source=ContentSource(SourceKind.VOLUME, a.id)))
+    assert [v.id for v in backend.list_volumes()] == [a.id]
+
+
+def test_directory_content_is_copied_for_snapshot_restore_and_clone(open_backend: _Opener) -> None:
+    backend = open_backend()
+    a = backend.create_volume(spec("a", 4 * MiB))
+    data = open_backend.root / "volumes" / local(a.id)
+    (data / "sub").mkdir()
+    (data / "sub" / "f").write_bytes(b"version 1")
+    os.chmod(data / "sub" / "f", 0o640)
+    os.symlink("/etc/hostname", data / "link")
+    snap = backend.create_snapshot("snap", a.id, {})
+    (data / "sub" / "f").write_bytes(b"version 2")
+    restored = backend.create_volume(
+        spec("r", 4 * MiB, source=ContentSource(SourceKind.SNAPSHOT, snap.id))
+    )
+    clone = backend.create_volume(spec("c", 4 * MiB, source=ContentSource(SourceKind.VOLUME, a.id)))
+    r = open_backend.root / "volumes" / local(restored.id)
+    c = open_backend.root / "volumes" / local(clone.id)
+    assert (r / "sub" / "f").read_bytes() == b"version 1"
+    assert (c / "sub" / "f").read_bytes() == b"version 2"
+    assert os.stat(r / "sub" / "f").st_mode & 0o777 == 0o640
+    assert os.readlink(r / "link") == "/etc/hostname" and (r / "link").is_symlink()
+
+
+# --- ids, publishing, conditions, health -----------------------------------------------------
+
+
+def test_ids_of_other_nodes_or_malformed_ids_name_nothing(open_backend: _Opener) -> None:
+    backend = open_backend()
+    volume = backend.create_volume(spec("a", 4 * MiB))
+    foreign = local(volume.id) + "@other-node"
+    for bad in (foreign, "", "v123", local(volume.id), f"{local(volume.id)}@../x", "../volumes"):
+        assert backend.get_volume(bad) is None
+        backend.delete_volume(bad)
+        backend.detach(bad)
+        backend.refresh_attachment(bad)
+        backend.delete_snapshot(bad)
+        assert backend.get_snapshot(bad) is None
+        for call in (backend.attach, backend.volume_condition):
+            with pytest.raises(NotFound):
+                call(bad)
+        with pytest.raises(NotFound):
+            backend.expand_volume(bad, 8 * MiB)
+        with pytest.raises(NotFound):
+            backend.set_published(bad, NODE, True)
+    assert backend.get_volume(volume.id) == volume
+    with pytest.raises(Internal):
+        backend._volume_path("../../etc")
+    with pytest.raises(Internal):
+        backend._snapshot_path("s" + "0" * 31 + "/")
+
+
+def test_published_nodes_are_recorded_and_block_deletion(open_backend: _Opener) -> None:
+    backend = open_backend()
+    volume = backend.create_volume(spec("a", 4 * MiB))
+    backend.set_published(volume.id, "node-x", True)
+    backend.set_published(volume.id, "node-x", True)
+    published = backend.get_volume(volume.id)
+    assert published is not None and published.published_nodes == {"node-x"}
+    with pytest.raises(FailedPrecondition, match="still published"):
+        backend.delete_volume(volume.id)
+    published = open_backend().get_volume(volume.id)  # survives a restart
+    assert published is not None and published.published_nodes == {"node-x"}
+    assert open_backend.current is not None
+    open_backend.current.set_published(volume.id, "node-x", False)
+    open_backend.current.delete_volume(volume.id)
+    assert storage(open_backend.root) == []
+
+
+def test_volume_condition_reports_missing_storage(open_backend: _Opener) -> None:
+    backend = open_backend()
+    d = backend.create_volume(spec("d", 4 * MiB))
+    b = backend.create_volume(spec("b", 4 * MiB, AccessType.BLOCK))
+    assert not backend.volume_condition(d.id).abnormal
+    assert not backend.volume_condition(b.id).abnormal
+    os.rmdir(open_backend.root / "volumes" / local(d.id))
+    (open_backend.root / "volumes" / local(b.id) / IMAGE_NAME).unlink()
+    cond = backend.volume_condition(d.id)
+    assert cond.abnormal and "backing directory" in cond.message and "missing" in cond.message
+    cond = backend.volume_condition(b.id)
+    assert cond.abnormal and "backing image" in cond.message
+    with pytest.raises(FailedPrecondition, match="missing"):
+        backend.attach(d.id)
+
+
+def test_health(open_backend: _Opener) -> None:
+    backend = open_backend()
+    assert backend.health() is None
+    assert backend.max_volumes_per_node == 0
+    os.rmdir(open_backend.root / "snapshots")
+    assert "snapshots is missing" in (backend.health() or "")
+
+
+def test_a_directory_volume_has_nothing_to_attach(open_backend: _Opener) -> None:
+    backend = open_backend()
+    volume = backend.create_volume(spec("d", 4 * MiB))
+    attachment = backend.attach(volume.id)
+    assert attachment.path == str(open_backend.root.resolve() / "volumes" / local(volume.id))
+    backend.detach(volume.id)
+    backend.refresh_attachment(volume.id)
+    assert backend.attach(volume.id) == attachment
+
+
+# --- quota bookkeeping (real XFS quotas: tests/vm/test_hostpath_quota.py) ----------------------
+
+
+class FakeQuota:
+    def __init__(self, runner: object, mountpoint: str) -> None:
+        self.calls: list[tuple[object, ...]] = []
+        FakeQuota.last = self
+
+    last: FakeQuota
+
+    def assign(self, directory: Path, project_id: int) -> None:
+        self.calls.append(("assign", directory.name, project_id))
+
+    def set_limit(self, project_id: int, hard_bytes: int) -> None:
+        self.calls.append(("limit", project_id, hard_bytes))
+
+
+def test_quota_calls_follow_the_volume(
+    open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backend_mod, "enforces_project_quota", lambda mount: True)
+    monkeypatch.setattr(backend_mod, "XfsProjectQuota", FakeQuota)
+    monkeypatch.setattr(backend_mod, "project_of", lambda path: (0, False))
+    backend = open_backend()
+    quota = FakeQuota.last
+    volume = backend.create_volume(spec("d", 4 * MiB))
+    block = backend.create_volume(spec("b", 4 * MiB, AccessType.BLOCK))
+    row = backend._store.volume(local(volume.id))
+    assert row is not None and row.project_id == FIRST_PROJECT_ID
+    pid = row.project_id
+    assert volume.context[SIZE_ENFORCED_KEY] == "true"
+    assert block.context[SIZE_ENFORCED_KEY] == "true"
+    assert quota.calls == [("assign", local(volume.id), pid), ("limit", pid, 4 * MiB)]
+    backend.expand_volume(volume.id, 6 * MiB)
+    assert quota.calls[-1] == ("limit", pid, 6 * MiB)
+    cond = backend.volume_condition(volume.id)
+    assert cond.abnormal and "not applied" in cond.message
+
+    backend = open_backend()  # at start, a volume without its project gets it back
+    assert FakeQuota.last.calls == [("assign", local(volume.id), pid), ("limit", pid, 6 * MiB)]
+    backend.delete_volume(volume.id)
+    assert FakeQuota.last.calls[-1] == ("limit", pid, 0)

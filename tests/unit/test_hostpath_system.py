@@ -1,0 +1,259 @@
+"""The system pieces under the hostpath backend, without root: loop devices and XFS quotas
+through a recording runner, mount-table lookups from a file standing in for mountinfo.
+
+Real loop devices: tests/integration/test_hostpath_backend.py; real quotas: tests/vm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from csi_driver.system import fsinfo
+from csi_driver.system.loop import LoopError, Loops, parse_list
+from csi_driver.system.mounter import MountInfo
+from csi_driver.system.quota import (
+    QuotaError,
+    XfsProjectQuota,
+    enforces_project_quota,
+    project_of,
+    quotable_path,
+)
+from csi_driver.system.runner import DEFAULT_TIMEOUT, CommandError, CommandResult
+
+Handler = Callable[[tuple[str, ...]], str]
+
+
+class Recorder:
+    """Records argv and answers with ``handler(argv)`` as stdout (which may raise)."""
+
+    def __init__(self, handler: Handler | None = None) -> None:
+        self.calls: list[tuple[str, ...]] = []
+        self.handler = handler
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        check: bool = True,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> CommandResult:
+        assert timeout > 0
+        self.calls.append(tuple(argv))
+        out = self.handler(tuple(argv)) if self.handler else ""
+        return CommandResult(tuple(argv), 0, out, "", 0.0)
+
+
+def losetup_json(*devices: tuple[str, str, bool]) -> str:
+    return json.dumps(
+        {"loopdevices": [{"name": n, "back-file": f, "autoclear": a} for n, f, a in devices]}
+    )
+
+
+def test_parse_list() -> None:
+    assert parse_list("") == []
+    got = parse_list(losetup_json(("/dev/loop3", "/x/disk.img ", False)))
+    assert [(d.name, d.backing_file, d.autoclear) for d in got] == [
+        ("/dev/loop3", "/x/disk.img", False)
+    ]
+    with pytest.raises(LoopError, match="cannot parse"):
+        parse_list("{not json")
+
+
+def test_attach_reuses_a_live_device_and_skips_one_that_is_clearing(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"")
+    listed = losetup_json(("/dev/loop1", str(image), True), ("/dev/loop2", str(image), False))
+    runner = Recorder(lambda argv: listed if "--list" in argv else "/dev/loop9\n")
+    assert Loops(runner).attach(image) == "/dev/loop2"
+    assert len(runner.calls) == 1
+
+    clearing = losetup_json(("/dev/loop1", str(image), True))
+    runner = Recorder(lambda argv: clearing if "--list" in argv else "/dev/loop9\n")
+    assert Loops(runner).attach(image) == "/dev/loop9"
+    assert runner.calls[-1] == (
+        "losetup",
+        "--find",
+        "--show",
+        "--direct-io=off",
+        "--",
+        str(image),
+    )
+
+
+def test_attach_rejects_odd_losetup_output(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"")
+    runner = Recorder(lambda argv: "" if "--list" in argv else "something else")
+    with pytest.raises(LoopError, match="instead of a loop device"):
+        Loops(runner).attach(image)
+
+
+def test_detach_and_refresh_touch_every_device_of_the_image(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"")
+    listed = losetup_json(("/dev/loop1", str(image), False), ("/dev/loop2", str(image), True))
+    detached: set[str] = set()
+
+    def losetup(argv: tuple[str, ...]) -> str:
+        if "--detach" in argv:
+            detached.add(argv[-1])
+        return "" if detached >= {"/dev/loop1", "/dev/loop2"} else listed
+
+    runner = Recorder(losetup)
+    assert Loops(runner).refresh(image) == ["/dev/loop1"]
+    assert runner.calls[-1] == ("losetup", "--set-capacity", "/dev/loop1")
+    assert Loops(runner).detach_all(image) == ["/dev/loop1", "/dev/loop2"]
+    assert ("losetup", "--detach", "/dev/loop2") in runner.calls
+
+
+def test_detach_waits_a_little_for_a_device_held_open_elsewhere(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"")
+    listed = losetup_json(("/dev/loop1", str(image), True))
+    lists = []
+
+    def losetup(argv: tuple[str, ...]) -> str:
+        if "--list" in argv:
+            lists.append(argv)
+            return listed if len(lists) < 4 else ""
+        return ""
+
+    assert Loops(Recorder(losetup)).detach_all(image, settle=5.0) == ["/dev/loop1"]
+    assert len(lists) == 4  # polled until the holder let go
+    lists.clear()
+    never = Recorder(lambda argv: listed if "--list" in argv else "")
+    assert Loops(never).detach_all(image, settle=0.1) == ["/dev/loop1"]
+    assert "still open elsewhere" in caplog.text
+
+
+def test_a_missing_image_has_no_devices_and_costs_no_command(tmp_path: Path) -> None:
+    runner = Recorder()
+    assert Loops(runner).detach_all(tmp_path / "gone.img") == []
+    assert runner.calls == []
+
+
+def test_losetup_failure_names_the_image(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"")
+
+    def fail(argv: tuple[str, ...]) -> str:
+        raise CommandError(argv, 1, "", "losetup: failed to set up loop device")
+
+    with pytest.raises(LoopError, match=r"disk\.img"):
+        Loops(Recorder(fail)).attach(image)
+
+
+def mount(fs_type: str, super_options: tuple[str, ...]) -> MountInfo:
+    return MountInfo(1, 0, 8, 1, "/", "/srv", ("rw",), (), fs_type, "/dev/sdb", super_options)
+
+
+def test_which_mounts_enforce_project_quotas() -> None:
+    assert enforces_project_quota(mount("xfs", ("rw", "attr2", "inode64", "prjquota")))
+    assert enforces_project_quota(mount("xfs", ("rw", "pquota")))
+    assert not enforces_project_quota(mount("xfs", ("rw", "pqnoenforce")))
+    assert not enforces_project_quota(mount("xfs", ("rw", "usrquota")))
+    assert not enforces_project_quota(mount("ext4", ("rw", "prjquota")))
+
+
+def test_quota_commands_are_argument_lists_with_numbers_only() -> None:
+    runner = Recorder()
+    quota = XfsProjectQuota(runner, "/srv")
+    quota.set_limit(1000001, 64 << 20)
+    assert runner.calls == [
+        (
+            "xfs_quota",
+            "-x",
+            "-D",
+            "/dev/null",
+            "-P",
+            "/dev/null",
+            "-c",
+            "limit -p bhard=67108864 1000001",
+            "/srv",
+        )
+    ]
+    for bad in (0, -1, 2**32):
+        with pytest.raises(QuotaError):
+            quota.set_limit(bad, 1)
+    with pytest.raises(QuotaError):
+        quota.set_limit(5, -1)
+
+
+def test_assign_refuses_paths_that_need_quoting_and_checks_the_result(tmp_path: Path) -> None:
+    runner = Recorder()
+    quota = XfsProjectQuota(runner, "/srv")
+    for bad in ("/srv/with space", "/srv/semi;colon", "relative", "/srv/quote'"):
+        assert not quotable_path(bad)
+        with pytest.raises(QuotaError, match="cannot be passed"):
+            quota.assign(Path(bad), 7)
+    assert runner.calls == []
+    assert quotable_path("/var/lib/nodelocal-csi/volumes/v0123@x")
+    # xfs_quota "succeeded" but the directory has no project (not XFS here): caught.
+    directory = tmp_path / "d"
+    directory.mkdir()
+    if not quotable_path(directory):
+        pytest.fail(f"pytest's tmp_path {directory} should be quotable")
+    with pytest.raises(QuotaError, match="did not set project 7"):
+        quota.assign(directory, 7)
+    assert runner.calls[0][-3:] == ("-c", f"project -s -p {directory} 7", "/srv")
+
+
+def test_project_of_reads_the_inode_and_never_follows_a_link(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    assert project_of(tmp_path / "d") == (0, False)
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    with pytest.raises(QuotaError):
+        project_of(tmp_path / "link")
+
+
+MOUNTINFO = (
+    b"22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+    b"40 22 7:1 / /srv rw - xfs /dev/loop1 rw,attr2,prjquota\n"
+    b"41 40 7:2 / /srv/inner rw - ext4 /dev/loop2 rw\n"
+    b"42 40 7:3 / /srv/inner rw - btrfs /dev/loop3 rw\n"
+    b"43 22 254:0 /srv-data/vol /mnt/bind rw - ext4 /dev/vda rw\n"
+)
+
+
+def test_mount_of_picks_the_deepest_topmost_mount(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_bytes(MOUNTINFO)
+    assert fsinfo.mount_of("/srv/a/b", str(info)).fs_type == "xfs"
+    assert fsinfo.mount_of("/srv", str(info)).super_options[-1] == "prjquota"
+    assert fsinfo.mount_of("/srv/inner/x", str(info)).fs_type == "btrfs"
+    assert fsinfo.mount_of("/srvx", str(info)).fs_type == "ext4"
+    assert fsinfo.fs_type_of("/", str(info)) == "ext4"
+
+
+def test_mounts_showing_finds_binds_of_a_directory_and_below(tmp_path: Path) -> None:
+    d = tmp_path / "vol"
+    (d / "sub").mkdir(parents=True)
+    st = d.stat()
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    info = tmp_path / "mountinfo"
+    info.write_bytes(
+        (
+            f"22 1 {dev} / / rw - ext4 /dev/vda rw\n"
+            f"50 22 {dev} {d} /mnt/staged rw - ext4 /dev/vda rw\n"
+            f"51 22 {dev} {d}/sub /mnt/subpath rw - ext4 /dev/vda rw\n"
+            f"52 22 {dev} {d}x /mnt/other rw - ext4 /dev/vda rw\n"
+            f"53 22 99:9 {d} /mnt/elsewhere rw - ext4 /dev/vdb rw\n"
+        ).encode()
+    )
+    assert fsinfo.mounts_showing(d, str(info)) == ["/mnt/staged", "/mnt/subpath"]
+
+
+def test_space_and_missing_paths(tmp_path: Path) -> None:
+    room = fsinfo.space(tmp_path)
+    assert 0 < room.free_bytes <= room.total_bytes
+    with pytest.raises(fsinfo.FsInfoError):
+        fsinfo.space(tmp_path / "missing")
