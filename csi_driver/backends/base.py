@@ -29,6 +29,13 @@ class Backend(Protocol):
         InvalidArgument.
         """
 
+    def validate_mutable_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
+        """Check mutable parameters (a VolumeAttributesClass's; a closed set that may change
+        over a volume's life) and return them normalised; anything else is InvalidArgument."""
+
+    def modify_volume(self, volume_id: str, mutable: Mapping[str, str]) -> Volume:
+        """Apply validated mutable parameters to an existing volume (NotFound if missing)."""
+
     def supported_fs_types(self) -> Sequence[str]:
         """Filesystems a mount volume may ask for; the first one is the default."""
 

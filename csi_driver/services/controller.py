@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 import grpc
 
 from csi_driver import ids, model
+from csi_driver.backends import mutable
 from csi_driver.backends.base import Backend
 from csi_driver.config import Config, Mode
 from csi_driver.errors import (
@@ -60,6 +61,7 @@ def _capabilities(mode: Mode) -> list[csi_pb2.ControllerServiceCapability.RPC.Ty
         _Rpc.VOLUME_CONDITION,
         _Rpc.GET_VOLUME,
         _Rpc.SINGLE_NODE_MULTI_WRITER,
+        _Rpc.MODIFY_VOLUME,
     ]
     if mode is Mode.STANDALONE:
         caps += [_Rpc.PUBLISH_UNPUBLISH_VOLUME, _Rpc.LIST_VOLUMES_PUBLISHED_NODES]
@@ -113,9 +115,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         return bool(topology.segments.get(self._key) == self._node)
 
     def _volume_shape(
-        self, caps: list[model.Capability], backend: Backend
+        self, caps: list[model.Capability], backend: Backend, default_fs: str = ""
     ) -> tuple[model.AccessType, str]:
-        """The one access type and filesystem that satisfy every requested capability."""
+        """The one access type and filesystem that satisfy every requested capability.
+        ``default_fs`` (a backend's ``fsType`` parameter) is used when no capability names one."""
         for i, cap in enumerate(caps):
             if not cap.access_mode.single_node:
                 raise InvalidArgument(
@@ -138,7 +141,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"volume_capabilities ask for different filesystems {sorted(asked)}"
             )
         if not asked:
-            return access_type, supported[0] if supported else ""
+            if default_fs:
+                asked = {default_fs}
+            else:
+                return access_type, supported[0] if supported else ""
         fs_type = asked.pop()
         if fs_type not in supported:
             raise InvalidArgument(
@@ -208,12 +214,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         backend = self._storage("CreateVolume")
         name = convert.require_name(request.name)
         caps = convert.capabilities_from_pb(request.volume_capabilities)
-        access_type, fs_type = self._volume_shape(caps, backend)
-        if request.mutable_parameters:
-            raise InvalidArgument(
-                "mutable_parameters are not supported (no MODIFY_VOLUME capability)"
-            )
         parameters = self._parameters(backend, request.parameters)
+        if request.mutable_parameters:
+            # A VolumeAttributesClass's values win over the StorageClass's for the same key.
+            changes = backend.validate_mutable_parameters(dict(request.mutable_parameters))
+            parameters = backend.validate_parameters(mutable.apply(parameters, changes))
+        access_type, fs_type = self._volume_shape(caps, backend, parameters.get("fsType", ""))
         if request.HasField("accessibility_requirements"):
             reqs = request.accessibility_requirements
             binding = list(reqs.requisite) or list(reqs.preferred)
@@ -379,10 +385,26 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             except InvalidArgument as exc:
                 problem = f"parameters: {exc.message}"
             else:
-                if asked != dict(volume.parameters):
+                have = dict(volume.parameters)
+                extra = {k: have[k] for k in set(have) - set(asked)}
+                try:
+                    # keys only a VolumeAttributesClass set (or changed) are not the SC's
+                    backend.validate_mutable_parameters(extra)
+                    have = {k: v for k, v in have.items() if k in asked}
+                except InvalidArgument:
+                    pass
+                if asked != have:
                     problem = "parameters differ from the ones the volume was created with"
         if problem is None and request.mutable_parameters:
-            problem = "mutable_parameters are not supported"
+            try:
+                mutable_asked = backend.validate_mutable_parameters(
+                    dict(request.mutable_parameters)
+                )
+            except InvalidArgument as exc:
+                problem = f"mutable_parameters: {exc.message}"
+            else:
+                if mutable.apply(volume.parameters, mutable_asked) != dict(volume.parameters):
+                    problem = "mutable_parameters differ from the volume's"
         if problem is not None:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=problem)
 
@@ -518,7 +540,14 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def ControllerModifyVolume(
         self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerModifyVolumeResponse:
-        raise _unimplemented("ControllerModifyVolume", "volume attribute classes are not supported")
+        backend = self._storage("ControllerModifyVolume")
+        volume_id = convert.require(request.volume_id, "volume_id")
+        self._local_volume_id(volume_id)
+        changes = backend.validate_mutable_parameters(dict(request.mutable_parameters))
+        with self._locks.hold(volume_id):
+            self._existing_volume(backend, volume_id)
+            backend.modify_volume(volume_id, changes)
+        return csi_pb2.ControllerModifyVolumeResponse()
 
     # --- snapshots -------------------------------------------------------------------------
 

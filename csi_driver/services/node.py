@@ -852,4 +852,4 @@ class NodeCapabilitiesServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodeGetCapabilities(
         self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetCapabilitiesResponse:
-        return NodeServicer.NodeGetCapabilities(self, request, context)  # type: ignore[arg-type]
+        return NodeServicer.NodeGetCapabilities(self, request, context)

@@ -255,7 +255,8 @@ def run_pytest(guest: Guest, args: argparse.Namespace) -> Step:
         f"{args.root}/.venv/bin/pytest",
         "tests/vm",
         "-v",
-        "-rfEs",
+        "-rfEsP",
+        "--durations=12",
         "-p",
         "no:cacheprovider",
         f"--junitxml={report}",
@@ -300,8 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--csi-sanity", default="")
     parser.add_argument("--sanity-types", default="mount,block")
     parser.add_argument("--sanity-backends", default="lvm", help="lvm and/or hostpath")
-    parser.add_argument("--sanity-min-passed", type=int, default=60)
-    parser.add_argument("--pytest-timeout", type=float, default=900)
+    parser.add_argument("--sanity-min-passed", type=int, default=80)
+    parser.add_argument("--pytest-timeout", type=float, default=1800)
     parser.add_argument("--sanity-timeout", type=float, default=900)
     parser.add_argument("extra", nargs="*", help="arguments for pytest (or csi-sanity)")
     args = parser.parse_args(argv)

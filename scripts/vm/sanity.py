@@ -24,6 +24,9 @@ SOCKET_WAIT = 120.0  # the driver imports grpc over 9p under software emulation:
 STOP_WAIT = 30.0
 
 
+MAX_VOLUMES_PER_NODE = 4
+
+
 @dataclass(frozen=True)
 class SanityRun:
     backend: str  # "lvm", or "hostpath" (its root on an XFS mount with project quotas)
@@ -35,7 +38,7 @@ class SanityRun:
     vg: str
     thinpool: str
     extra_args: list[str] = field(default_factory=list)
-    min_passed: int = 60
+    min_passed: int = 80
     timeout: float = 900.0
     hostpath_root: Path | None = None
 
@@ -99,6 +102,14 @@ def _device_classes_file(run: SanityRun) -> Path:
         ]
     }
     path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def _mutable_file(run: SanityRun) -> Path:
+    """The VolumeAttributesClass values ControllerModifyVolume specs apply: every volume they
+    make is discarded or zeroed on deletion, so that path runs too."""
+    path = run.state / "mutable.yaml"
+    path.write_text('wipeOnDelete: "true"\n')
     return path
 
 
@@ -166,6 +177,9 @@ def run_sanity(run: SanityRun, env: Mapping[str, str]) -> Step:
         "vmnode",
         "--log-level",
         "DEBUG",
+        # small, so the attach-limit spec runs (and quickly)
+        "--max-volumes-per-node",
+        str(MAX_VOLUMES_PER_NODE),
     ]
     with driver_log.open("wb") as log_file:
         driver = subprocess.Popen(
@@ -193,6 +207,8 @@ def run_sanity(run: SanityRun, env: Mapping[str, str]) -> Step:
                 f"-csi.mountdir={run.state / 'target'}",
                 f"-csi.stagingdir={run.state / 'staging'}",
                 f"-ginkgo.junit-report={report}",
+                f"-csi.testvolumemutableparameters={_mutable_file(run)}",
+                "-csi.testnodevolumeattachlimit",
                 "-ginkgo.no-color",
                 *run.extra_args,
             ]

@@ -320,7 +320,6 @@ def test_provisioner_is_distributed_and_publishes_capacity(
     for flag in ("node-deployment", "enable-capacity", "extra-create-metadata", "strict-topology"):
         assert flag in args
     assert args["capacity-ownerref-level"] == "1"  # the DaemonSet owns the capacity objects
-    assert args["default-fstype"] in {"ext4", "xfs"}
     assert "leader-election" not in args
     assert env_field_ref(prov, "NAMESPACE") == "metadata.namespace"
     assert env_field_ref(prov, "POD_NAME") == "metadata.name"

@@ -22,6 +22,7 @@ Fixtures
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -247,9 +248,10 @@ class Csi:
     node: csi_pb2_grpc.NodeStub
 
 
-@pytest.fixture
-def csi(driver: DriverProcess) -> Iterator[Csi]:
-    channel = grpc.insecure_channel(driver.target)
+@contextlib.contextmanager
+def csi_stubs(target: str) -> Iterator[Csi]:
+    """Identity, Controller and Node stubs over one channel to ``target``."""
+    channel = grpc.insecure_channel(target)
     try:
         yield Csi(
             channel,
@@ -259,3 +261,9 @@ def csi(driver: DriverProcess) -> Iterator[Csi]:
         )
     finally:
         channel.close()
+
+
+@pytest.fixture
+def csi(driver: DriverProcess) -> Iterator[Csi]:
+    with csi_stubs(driver.target) as stubs:
+        yield stubs

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from csi_driver import ids, model
+from csi_driver.backends import mutable
 from csi_driver.config import Config, Endpoint, Mode, topology_key
 from csi_driver.errors import AlreadyExists, CsiError, InvalidArgument
 from csi_driver.locks import KeyLocks
@@ -47,9 +48,26 @@ class FakeBackend:
 
     def validate_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
         for key, value in parameters.items():
+            if key == mutable.WIPE_ON_DELETE:
+                continue
             if key != "kind" or value not in ("fast", "slow"):
                 raise InvalidArgument(f"unknown parameter {key}={value}")
-        return {"kind": parameters.get("kind", "fast")}
+        changes = mutable.validate_mutable(
+            {k: v for k, v in parameters.items() if k == mutable.WIPE_ON_DELETE}, "fake"
+        )
+        return mutable.apply({"kind": parameters.get("kind", "fast")}, changes)
+
+    def validate_mutable_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
+        return mutable.validate_mutable(parameters, "fake")
+
+    def modify_volume(self, volume_id: str, changes: Mapping[str, str]) -> model.Volume:
+        self.calls.append(("modify_volume", volume_id))
+        volume = self.volumes[volume_id]
+        volume = dataclasses.replace(
+            volume, parameters=model.frozen_map(mutable.apply(volume.parameters, changes))
+        )
+        self.volumes[volume_id] = volume
+        return volume
 
     def supported_fs_types(self) -> Sequence[str]:
         return ["ext4", "xfs"]
@@ -517,13 +535,11 @@ def test_standalone_capabilities(ctl: ControllerServicer) -> None:
         Rpc.VOLUME_CONDITION,
         Rpc.GET_VOLUME,
         Rpc.SINGLE_NODE_MULTI_WRITER,
+        Rpc.MODIFY_VOLUME,
     }
 
 
 def test_unoffered_rpcs_are_unimplemented(ctl: ControllerServicer) -> None:
-    assert code_of(ctl.ControllerModifyVolume, csi_pb2.ControllerModifyVolumeRequest()) is (
-        grpc.StatusCode.UNIMPLEMENTED
-    )
     assert code_of(ctl.GetSnapshot, csi_pb2.GetSnapshotRequest()) is grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -787,3 +803,27 @@ def test_custom_driver_name(backend: FakeBackend, tmp_path: Path) -> None:
 def _no_leaked_locks(ctl: ControllerServicer) -> Iterator[None]:
     yield
     assert ctl._locks._held == set()
+
+
+def test_mutable_parameters_at_create_and_modify(
+    ctl: ControllerServicer, backend: FakeBackend
+) -> None:
+    assert csi_pb2.ControllerServiceCapability.RPC.MODIFY_VOLUME in capability_types(ctl)
+    vol = create(ctl, mutable_parameters={"wipeOnDelete": "TRUE"})
+    assert backend.volumes[vol.volume_id].parameters["wipeOnDelete"] == "true"
+    modify = csi_pb2.ControllerModifyVolumeRequest
+    ctl.ControllerModifyVolume(
+        modify(volume_id=vol.volume_id, mutable_parameters={"wipeOnDelete": "false"}), CTX
+    )
+    assert "wipeOnDelete" not in backend.volumes[vol.volume_id].parameters
+    # the same CreateVolume again still finds the volume: mutable values do not identify it
+    assert create(ctl, mutable_parameters={"wipeOnDelete": "true"}).volume_id == vol.volume_id
+    calls = list(backend.calls)
+    assert code_of(ctl.ControllerModifyVolume, modify()) == grpc.StatusCode.INVALID_ARGUMENT
+    bad = modify(volume_id=vol.volume_id, mutable_parameters={"iops": "1"})
+    assert code_of(ctl.ControllerModifyVolume, bad) == grpc.StatusCode.INVALID_ARGUMENT
+    bad = modify(volume_id=vol.volume_id, mutable_parameters={"wipeOnDelete": "maybe"})
+    assert code_of(ctl.ControllerModifyVolume, bad) == grpc.StatusCode.INVALID_ARGUMENT
+    missing = modify(volume_id=ids.volume_id_for("nope", NODE))
+    assert code_of(ctl.ControllerModifyVolume, missing) == grpc.StatusCode.NOT_FOUND
+    assert backend.calls == calls  # nothing was changed by the rejected requests

@@ -257,3 +257,28 @@ def test_space_and_missing_paths(tmp_path: Path) -> None:
     assert 0 < room.free_bytes <= room.total_bytes
     with pytest.raises(fsinfo.FsInfoError):
         fsinfo.space(tmp_path / "missing")
+
+
+def test_wipe_zeroes_data_in_place_and_never_follows_links(tmp_path: Path) -> None:
+    from csi_driver.backends.hostpath.backend import HostPathBackend
+
+    volume = tmp_path / "vol"
+    (volume / "sub").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep me")
+    (volume / "sub" / "link").symlink_to(outside)
+    data = volume / "sub" / "data"
+    data.write_bytes(b"secret" * 100_000)
+    sparse = volume / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(32 << 20)
+        f.write(b"secret")
+    os.mkfifo(volume / "fifo")
+    HostPathBackend._wipe(volume)
+    assert data.read_bytes() == bytes(600_000)
+    with open(sparse, "rb") as f:
+        f.seek(32 << 20)
+        assert f.read(6) == bytes(6)
+    assert os.stat(sparse).st_blocks * 512 < 8 << 20  # holes stayed holes
+    assert outside.read_bytes() == b"keep me"

@@ -52,6 +52,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from csi_driver import ids
+from csi_driver.backends import mutable
 from csi_driver.backends.hostpath.store import SnapshotRow, State, Store, VolumeRow
 from csi_driver.errors import (
     AlreadyExists,
@@ -63,6 +64,7 @@ from csi_driver.errors import (
     OutOfRange,
     ResourceExhausted,
 )
+from csi_driver.locks import BlockingKeyLocks
 from csi_driver.model import (
     AccessType,
     Attachment,
@@ -90,9 +92,15 @@ from csi_driver.units import round_up
 
 log = logging.getLogger(__name__)
 
-#: StorageClass parameters this backend accepts (key -> what it means). None: a hostpath
-#: volume has nothing to choose; any key is a mistake worth reporting.
-PARAMETERS: Mapping[str, str] = MappingProxyType({})
+#: StorageClass parameters this backend accepts (key -> what it means); any other key is a
+#: mistake worth reporting. wipeOnDelete is also a mutable parameter (ControllerModifyVolume).
+PARAMETERS: Mapping[str, str] = MappingProxyType(
+    {
+        mutable.WIPE_ON_DELETE: "true: overwrite every byte the volume holds with zeros before"
+        " its files are removed (default false)",
+    }
+)
+WIPE_CHUNK = 1 << 20
 
 #: volume context key: "true" when the volume cannot grow past its size, "false" when its
 #: size is only accounted (a directory on a filesystem without project quotas)
@@ -109,42 +117,6 @@ IMAGE_MODE = 0o600
 
 _VOLUME_LOCAL = re.compile(r"^v[0-9a-f]{32}$")
 _SNAPSHOT_LOCAL = re.compile(r"^s[0-9a-f]{32}$")
-
-
-class _KeyedLocks:
-    """Blocking per-key locks, taken in a fixed order so two holders cannot deadlock."""
-
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}
-
-    @contextlib.contextmanager
-    def hold(self, *keys: str) -> Iterator[None]:
-        taken: list[tuple[str, threading.Lock]] = []
-        try:
-            for key in sorted({k for k in keys if k}):
-                with self._mutex:
-                    lock, users = self._locks.get(key, (threading.Lock(), 0))
-                    self._locks[key] = (lock, users + 1)
-                try:
-                    lock.acquire()
-                except BaseException:
-                    self._forget(key)
-                    raise
-                taken.append((key, lock))
-            yield
-        finally:
-            for key, lock in reversed(taken):
-                lock.release()
-                self._forget(key)
-
-    def _forget(self, key: str) -> None:
-        with self._mutex:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
 
 
 @dataclass(frozen=True)
@@ -209,7 +181,7 @@ class HostPathBackend:
         self._node = node_id
         self._runner = runner
         self._loops = Loops(runner)
-        self._keys = _KeyedLocks()
+        self._keys = BlockingKeyLocks()
         self._alloc = threading.Lock()
         self._volumes_dir = self.root / "volumes"
         self._snapshots_dir = self.root / "snapshots"
@@ -414,7 +386,22 @@ class HostPathBackend:
             raise InvalidArgument(
                 f"unknown parameters {unknown} for the hostpath backend; {accepted}"
             )
-        return frozen_map({k: parameters[k] for k in sorted(parameters)})
+        return frozen_map(mutable.apply({}, mutable.validate_mutable(parameters, "hostpath")))
+
+    def validate_mutable_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
+        return mutable.validate_mutable(parameters, "hostpath")
+
+    def modify_volume(self, volume_id: str, changes: Mapping[str, str]) -> Volume:
+        row = self._ready_volume(volume_id)
+        with self._keys.hold(row.local_id):
+            row = self._ready_volume(volume_id)
+            wanted = mutable.apply(row.parameters, changes)
+            if wanted != dict(row.parameters):
+                self._store.set_volume_parameters(row.local_id, wanted)
+                log.info(
+                    "modified volume", extra={"volume_id": volume_id, "changes": dict(changes)}
+                )
+            return self._to_volume(self._ready_volume(volume_id))
 
     def supported_fs_types(self) -> Sequence[str]:
         return [self._fs_type]
@@ -488,7 +475,7 @@ class HostPathBackend:
             out.append(f"access type {row.access_type.value}, not {wanted.access_type.value}")
         if row.fs_type != wanted.fs_type:
             out.append(f"fs_type {row.fs_type!r}, not {wanted.fs_type!r}")
-        if dict(row.parameters) != dict(wanted.parameters):
+        if mutable.immutable(row.parameters) != mutable.immutable(wanted.parameters):
             out.append(f"parameters {dict(row.parameters)}, not {dict(wanted.parameters)}")
         if row.source != wanted.source:
             have = f"{row.source.kind.value} {row.source.id}" if row.source else "none"
@@ -689,6 +676,8 @@ class HostPathBackend:
             image = self._image(row.local_id)
             if image is not None:
                 self._loops.detach_all(image)
+            if row.parameters.get(mutable.WIPE_ON_DELETE) == "true" and _is_real_dir(path):
+                self._wipe(path)
             fsinfo.remove_tree(self._runner, path)
             if self._quota is not None and row.project_id is not None:
                 try:
@@ -697,6 +686,42 @@ class HostPathBackend:
                     log.warning(f"cannot clear the quota of project {row.project_id}: {exc}")
             fsinfo.fsync_path(self._volumes_dir)
         self._store.delete_volume(row.local_id)
+
+    @staticmethod
+    def _wipe(path: Path) -> None:
+        """Overwrite the data of every regular file under ``path`` with zeros, in place (only
+        the extents that hold data: holes stay holes), and flush it to the disk. Symlinks are
+        never followed: a link a pod left in its volume cannot point the wipe elsewhere."""
+        zeros = bytes(WIPE_CHUNK)
+        for directory, _, files in os.walk(path, followlinks=False):
+            for name in files:
+                try:
+                    fd = os.open(
+                        os.path.join(directory, name),
+                        os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                    )
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENOENT):
+                        continue  # a symlink, a socket or fifo, or already gone
+                    raise
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        continue
+                    end = os.fstat(fd).st_size
+                    offset = 0
+                    while offset < end:
+                        try:
+                            offset = os.lseek(fd, offset, os.SEEK_DATA)
+                            hole = os.lseek(fd, offset, os.SEEK_HOLE)
+                        except OSError as exc:
+                            if exc.errno == errno.ENXIO:
+                                break  # no data past offset
+                            raise
+                        while offset < hole:
+                            offset += os.pwrite(fd, zeros[: min(WIPE_CHUNK, hole - offset)], offset)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     def expand_volume(self, volume_id: str, size_bytes: int) -> Volume:
         row = self._ready_volume(volume_id)

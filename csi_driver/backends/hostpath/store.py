@@ -312,6 +312,13 @@ class Store:
                 (capacity_bytes, local_id),
             )
 
+    def set_volume_parameters(self, local_id: str, parameters: Mapping[str, str]) -> None:
+        with self._transaction() as cur:
+            cur.execute(
+                "UPDATE volumes SET parameters = ? WHERE local_id = ?",
+                (json.dumps(dict(parameters), sort_keys=True), local_id),
+            )
+
     def set_published(self, local_id: str, nodes: frozenset[str]) -> None:
         with self._transaction() as cur:
             cur.execute(

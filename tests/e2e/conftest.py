@@ -1,0 +1,396 @@
+"""Fixtures of the e2e lane: one real cluster per session, the chart installed by helm.
+
+The lane is meant to run where it can (root, the packages and builds of
+scripts/install-cluster.sh); anywhere else its tests fail loudly rather than skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from . import images
+from .cluster import NODE_NAME, Cluster, cache_dir, kubernetes_version
+from .kube import DRIVER_NAME, Kube, namespace, raw, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+RELEASE = "e2e"
+DRIVER_NAMESPACE = "nodelocal-csi"
+DRIVER_TAG = "e2e"
+HOSTPATH_CAPACITY = 4 * 1024**3
+# How long every driver container must stay ready, unrestarted, after helm install.
+SETTLE_SECONDS = 15.0
+# Sidecars built by scripts/install-sidecars.sh (chart engineer's), imported under our names.
+SIDECARS = {
+    "provisioner": "csi-provisioner",
+    "attacher": "csi-attacher",
+    "resizer": "csi-resizer",
+    "snapshotter": "csi-snapshotter",
+}
+SNAPSHOT_CRDS = (
+    "snapshot.storage.k8s.io_volumesnapshotclasses.yaml",
+    "snapshot.storage.k8s.io_volumesnapshotcontents.yaml",
+    "snapshot.storage.k8s.io_volumesnapshots.yaml",
+)
+
+
+def bin_dir() -> Path:
+    return cache_dir() / "bin"
+
+
+def standin_dir() -> Path:
+    return cache_dir() / "kubernetes" / kubernetes_version() / "bin"
+
+
+def _require(path: Path, hint: str) -> Path:
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: {hint}", pytrace=False)
+    return path
+
+
+def _registrar_and_probe() -> tuple[Path, Path]:
+    """Our stand-ins (tools/kubernetes/cmd/registrar, .../livenessprobe) by default: the module
+    proxy does not serve the upstream node-driver-registrar and livenessprobe, so a fresh CI
+    machine only has these. CSI_E2E_UPSTREAM_NODE_SIDECARS=1 uses upstream binaries put into
+    $CSI_CACHE_DIR/bin by hand instead."""
+    if os.environ.get("CSI_E2E_UPSTREAM_NODE_SIDECARS") == "1":
+        hint = "CSI_E2E_UPSTREAM_NODE_SIDECARS=1 needs the upstream binary there"
+        return (
+            _require(bin_dir() / "csi-node-driver-registrar", hint),
+            _require(bin_dir() / "livenessprobe", hint),
+        )
+    hint = "run scripts/install-cluster.sh"
+    return (
+        _require(standin_dir() / "registrar", hint),
+        _require(standin_dir() / "livenessprobe", hint),
+    )
+
+
+def sidecar_image(key: str) -> str:
+    """The image of the chart's sidecars.<key> (image names are lower case)."""
+    return f"{images.E2E_REGISTRY}/{key.lower()}:e2e"
+
+
+def _image_list() -> list[images.Image]:
+    reg, probe = _registrar_and_probe()
+    result = [
+        images.pause_image(),
+        images.busybox_image(),
+        images.driver_image(DRIVER_TAG),
+        images.binary_image(sidecar_image("registrar"), reg),
+        images.binary_image(sidecar_image("livenessProbe"), probe),
+    ]
+    for key, name in SIDECARS.items():
+        binary = _require(bin_dir() / name, "run scripts/install-sidecars.sh")
+        result.append(images.binary_image(sidecar_image(key), binary))
+    return result
+
+
+# ----------------------------------------------------------------------------- timings
+
+
+@dataclass
+class Timings:
+    """Wall times of the lane, written next to the logs and printed at the end."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def record(self, key: str, seconds: float) -> None:
+        self.values[key] = round(seconds, 2)
+
+
+_TIMINGS = Timings()
+
+
+@pytest.fixture(scope="session")
+def timings() -> Timings:
+    return _TIMINGS
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _TIMINGS.values:
+        terminalreporter.write_sep("-", "e2e timings (seconds)")
+        for key, value in _TIMINGS.values.items():
+            terminalreporter.write_line(f"{key:40s} {value:8.2f}")
+
+
+def artifacts_dir() -> Path:
+    return Path(os.environ.get("CSI_E2E_ARTIFACTS", cache_dir() / "e2e-artifacts" / "last"))
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+def _apply_snapshot_crds(cluster: Cluster) -> None:
+    crd_dir = cache_dir() / "e2e-crds"
+    ext = client.ApiextensionsV1Api(cluster.api_client())
+    names = []
+    for name in SNAPSHOT_CRDS:
+        path = _require(crd_dir / name, "run scripts/install-cluster.sh")
+        body = yaml.safe_load(path.read_text())
+        raw(ext.create_custom_resource_definition, body)
+        names.append(body["metadata"]["name"])
+
+    def all_established() -> bool:
+        for crd in names:
+            conditions = raw(ext.read_custom_resource_definition, crd)["status"]["conditions"]
+            if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                return False
+        return True
+
+    wait_until("snapshot CRDs Established", all_established, 60)
+
+
+@pytest.fixture(scope="session")
+def cluster(timings: Timings) -> Iterator[Cluster]:
+    if os.geteuid() != 0:
+        pytest.fail("the e2e lane needs root (mounts, cgroups, iptables)", pytrace=False)
+    from .cluster import Binaries
+
+    started = time.monotonic()
+    c = Cluster(Binaries.discover(), artifacts=artifacts_dir())
+    # CI stops a run that overstays with SIGTERM: make it unwind through the teardown below.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        c.start(_image_list)
+        _apply_snapshot_crds(c)
+        snap = c.start_daemon(
+            "snapshot-controller",
+            [
+                str(_require(bin_dir() / "snapshot-controller", "run scripts/install-sidecars.sh")),
+                f"--kubeconfig={c.admin_kubeconfig}",
+                "--leader-election=false",
+                "--enable-distributed-snapshotting",
+                "--v=2",
+            ],
+        )
+        time.sleep(1)
+        snap.require_alive()
+        timings.record("cluster_start", time.monotonic() - started)
+        for key, value in c.timings.items():
+            timings.record(f"cluster_start.{key}", value)
+        yield c
+    finally:
+        t0 = time.monotonic()
+        problems = c.stop()
+        signal.signal(signal.SIGTERM, previous)
+        timings.record("cluster_stop", time.monotonic() - t0)
+        _write_timings(timings)
+        if problems:
+            pytest.fail(
+                "cluster teardown left things behind: " + "; ".join(problems), pytrace=False
+            )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _write_timings(timings: Timings) -> None:
+    out = artifacts_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "timings.json").write_text(json.dumps(timings.values, indent=2))
+
+
+@pytest.fixture(scope="session")
+def api(cluster: Cluster) -> Any:
+    return cluster.api_client()
+
+
+# ----------------------------------------------------------------------------- helm
+
+
+def helm_values(cluster: Cluster, **overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "kubeletDir": str(cluster.kubelet_dir),
+        "image": {"repository": images.DRIVER_REPOSITORY, "tag": DRIVER_TAG, "pullPolicy": "Never"},
+        "logging": {"format": "text", "level": "DEBUG", "sidecarVerbosity": 4},
+        # A fixed capacity makes the driver's accounting observable (CSIStorageCapacity).
+        "hostpath": {"root": str(cluster.hostpath_root), "capacityBytes": HOSTPATH_CAPACITY},
+        "provisioner": {"capacityPollInterval": "5s"},
+        "sidecars": {
+            key: {"image": sidecar_image(key)}
+            for key in (
+                "registrar",
+                "provisioner",
+                "attacher",
+                "resizer",
+                "snapshotter",
+                "livenessProbe",
+            )
+        }
+        | {"pullPolicy": "Never"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = values[key] | value
+        else:
+            values[key] = value
+    return values
+
+
+@dataclass
+class Release:
+    """The chart installed in the cluster, at most one at a time (one CSIDriver name)."""
+
+    cluster: Cluster
+    values: dict[str, Any] | None = None
+    # An install that failed fails every later request for the same values at once, instead
+    # of waiting out helm's timeout again in each test module.
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def helm(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        helm = _require(bin_dir() / "helm", "run scripts/install-chart-tools.sh")
+        res = subprocess.run(
+            [str(helm), "--kubeconfig", str(self.cluster.admin_kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if res.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def install(self, values: dict[str, Any]) -> float:
+        """Install (replacing a release with other values); return the seconds it took."""
+        if self.values == values:
+            return 0.0
+        key = json.dumps(values, sort_keys=True)
+        if key in self.failures:
+            pytest.fail(f"an earlier install with these values failed:\n{self.failures[key]}")
+        self.uninstall()
+        path = self.cluster.workdir / "values.json"
+        path.write_text(json.dumps(values, indent=2))
+        t0 = time.monotonic()
+        try:
+            self.helm(
+                "install",
+                RELEASE,
+                str(ROOT / "charts" / "nodelocal-csi"),
+                "--namespace",
+                DRIVER_NAMESPACE,
+                "--create-namespace",
+                "--values",
+                str(path),
+                "--wait",
+                "--timeout",
+                "3m",
+            )
+        except AssertionError as exc:
+            self.failures[key] = f"{exc}\n{self.diagnose()}"
+            self._uninstall_failed()
+            raise AssertionError(self.failures[key]) from None
+        self.values = values
+        self._wait_registered()
+        seconds = time.monotonic() - t0
+        try:
+            self._settled()
+        except AssertionError as exc:
+            self.failures[key] = f"{exc}\n{self.diagnose()}"
+            self.uninstall()
+            raise AssertionError(self.failures[key]) from None
+        return seconds
+
+    def _settled(self, seconds: float = SETTLE_SECONDS) -> None:
+        """helm --wait accepts a pod the moment its containers run; a sidecar that exits a
+        second later (a crash loop) would slip through. Every container of the driver must
+        stay ready, without a restart, for a while."""
+        kube = Kube(self.cluster.api_client(), DRIVER_NAMESPACE)
+        deadline = time.monotonic() + seconds
+        while True:
+            for pod in kube.items(kube.core.list_namespaced_pod, DRIVER_NAMESPACE):
+                for c in pod["status"].get("containerStatuses", []):
+                    if not c["ready"] or c["restartCount"]:
+                        raise AssertionError(
+                            f"driver container {pod['metadata']['name']}/{c['name']} not steady:"
+                            f" ready={c['ready']} restarts={c['restartCount']}"
+                            f" last state={c.get('lastState')}"
+                        )
+            if time.monotonic() > deadline:
+                return
+            time.sleep(1)
+
+    def _wait_registered(self) -> None:
+        storage = client.StorageV1Api(self.cluster.api_client())
+        try:
+            wait_until("CSINode lists the driver", lambda: driver_registered(storage), 120)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnose()}") from None
+
+    def _uninstall_failed(self) -> None:
+        """Remove what a failed install left, so other values can still be installed."""
+        with contextlib.suppress(AssertionError):
+            self.helm("uninstall", RELEASE, "--namespace", DRIVER_NAMESPACE, "--wait")
+        self.values = None
+
+    def uninstall(self) -> None:
+        if self.values is None:
+            return
+        self.helm(
+            "uninstall", RELEASE, "--namespace", DRIVER_NAMESPACE, "--wait", "--timeout", "3m"
+        )
+        self.values = None
+        kube = Kube(self.cluster.api_client(), DRIVER_NAMESPACE)
+        wait_until(
+            "driver pods gone",
+            lambda: not kube.items(kube.core.list_namespaced_pod, DRIVER_NAMESPACE),
+            180,
+        )
+
+    def diagnose(self) -> str:
+        """Pod states, events and container logs of the driver namespace."""
+        kube = Kube(self.cluster.api_client(), DRIVER_NAMESPACE)
+        parts = []
+        with contextlib.suppress(Exception):
+            for pod in kube.items(kube.core.list_namespaced_pod, DRIVER_NAMESPACE):
+                name = pod["metadata"]["name"]
+                parts.append(kube.describe(name))
+                for c in pod["spec"]["containers"]:
+                    log = kube.logs(name, c["name"])
+                    parts.append(f"--- {name}/{c['name']}:\n" + "\n".join(log.splitlines()[-30:]))
+        return "\n".join(parts)
+
+
+def driver_registered(storage: Any) -> bool:
+    """Whether the node's CSINode object lists the driver (kubelet plugin registration)."""
+    node = raw(storage.read_csi_node, NODE_NAME)
+    return any(d["name"] == DRIVER_NAME for d in node["spec"].get("drivers") or [])
+
+
+@pytest.fixture(scope="session")
+def release(cluster: Cluster) -> Iterator[Release]:
+    r = Release(cluster)
+    try:
+        yield r
+    finally:
+        with contextlib.suppress(Exception):
+            r.uninstall()
+
+
+@pytest.fixture(scope="module")
+def driver(release: Release, cluster: Cluster, timings: Timings) -> Release:
+    """The chart with default values (hostpath backend, no attach), installed once."""
+    seconds = release.install(helm_values(cluster))
+    if seconds:
+        timings.record("helm_install_default", seconds)
+    return release
+
+
+@pytest.fixture
+def ns(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[Kube]:
+    prefix = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    with namespace(api, prefix) as kube:
+        yield kube

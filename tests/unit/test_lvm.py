@@ -1,0 +1,568 @@
+"""The lvm backend's decisions and error paths, with a fake command runner.
+
+These tests prove what the backend asks lvm2 to do and how it reads lvm2's answers and
+failures; that lvm2 really does it is proven in the real-kernel VM lane (tests/vm).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from csi_driver.backends.lvm import tags as lvtags
+from csi_driver.backends.lvm.backend import LvmBackend
+from csi_driver.backends.lvm.classes import (
+    DeviceClass,
+    DeviceClassError,
+    load_device_classes,
+    parse_device_classes,
+)
+from csi_driver.backends.lvm.lvm2 import csi_error, parse_fullreport
+from csi_driver.config import LvmConfig
+from csi_driver.errors import CsiError
+from csi_driver.model import AccessType, ContentSource, SourceKind, VolumeSpec
+from csi_driver.system.runner import CommandError, CommandResult
+
+MiB = 1 << 20
+GiB = 1 << 30
+EXTENT = 4 * MiB
+NODE = "n1"
+
+
+# --- a fake lvm2 -------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeLvm:
+    """Answers ``lvm fullreport`` from its state and applies lvcreate/lvremove/lvextend to it.
+    ``fail`` maps a program to the CommandError it raises."""
+
+    vg_size: int = 10 * GiB
+    vg_free: int = 8 * GiB
+    lvs: dict[str, dict[str, str]] = field(default_factory=dict)
+    calls: list[list[str]] = field(default_factory=list)
+    fail: dict[str, CommandError] = field(default_factory=dict)
+    vg_exists: bool = True
+
+    def add_pool(self, name: str = "pool", size: int = 2 * GiB) -> None:
+        self.lvs[name] = self._lv(name, size, attr="twi-aotz--", layout="thin,pool")
+
+    @staticmethod
+    def _lv(
+        name: str, size: int, *, attr: str, layout: str, pool: str = "", tags: str = ""
+    ) -> dict[str, str]:
+        return {
+            "lv_name": name,
+            "lv_size": str(size),
+            "lv_tags": tags,
+            "lv_attr": attr,
+            "lv_layout": layout,
+            "pool_lv": pool,
+            "origin": "",
+            "lv_path": f"/dev/vg0/{name}",
+            "lv_dm_path": f"/dev/mapper/vg0-{name}",
+            "data_percent": "10.00" if "pool" in layout else "",
+            "lv_health_status": "",
+        }
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 0,
+        check: bool = True,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> CommandResult:
+        argv = list(argv)
+        self.calls.append(argv)
+        program = argv[0]
+        if program in self.fail:
+            raise self.fail[program]
+        if argv[:2] == ["lvm", "fullreport"]:
+            return self._report(argv)
+        if program == "lvcreate":
+            self._create(argv)
+        elif program == "lvremove":
+            self.lvs.pop(argv[-1].split("/")[1])
+        elif program == "lvchange":
+            lv = self.lvs[argv[-1].split("/")[1]]
+            tags = set(filter(None, lv["lv_tags"].split(",")))
+            tags |= {argv[i + 1] for i, a in enumerate(argv) if a == "--addtag"}
+            tags -= {argv[i + 1] for i, a in enumerate(argv) if a == "--deltag"}
+            lv["lv_tags"] = ",".join(sorted(tags))
+        elif program == "lvextend":
+            name = argv[-1].split("/")[1]
+            self.lvs[name]["lv_size"] = argv[argv.index("--size") + 1].rstrip("b")
+        return CommandResult(tuple(argv), 0, "", "", 0.0)
+
+    def _report(self, argv: list[str]) -> CommandResult:
+        if not self.vg_exists:
+            stderr = '  Volume group "vg0" not found\n  Cannot process volume group vg0\n'
+            return CommandResult(tuple(argv), 5, '{"report": []}', stderr, 0.0)
+        vg = {
+            "vg_name": "vg0",
+            "vg_size": str(self.vg_size),
+            "vg_free": str(self.vg_free),
+            "vg_extent_size": str(EXTENT),
+            "pv_count": "2",
+        }
+        doc = {"report": [{"vg": [vg], "lv": list(self.lvs.values())}]}
+        return CommandResult(tuple(argv), 0, json.dumps(doc), "", 0.0)
+
+    def _create(self, argv: list[str]) -> None:
+        name = argv[argv.index("--name") + 1]
+        tags = ",".join(argv[i + 1] for i, a in enumerate(argv) if a == "--addtag")
+        if "--thin" in argv:
+            size = int(argv[argv.index("--virtualsize") + 1].rstrip("b"))
+            pool = argv[argv.index("--thin") + 1].split("/")[1]
+            self.lvs[name] = self._lv(
+                name, size, attr="Vwi-a-tz--", layout="thin,sparse", pool=pool, tags=tags
+            )
+        elif "--snapshot" in argv:
+            origin = self.lvs[argv[-1].split("/")[1]]
+            self.lvs[name] = {
+                **origin,
+                "lv_name": name,
+                "lv_tags": tags,
+                "origin": origin["lv_name"],
+            }
+        else:
+            size = int(argv[argv.index("--size") + 1].rstrip("b"))
+            self.lvs[name] = self._lv(name, size, attr="-wi-a-----", layout="linear", tags=tags)
+            self.vg_free -= size
+
+    def commands(self) -> list[str]:
+        return [c[0] if c[0] != "lvm" else "fullreport" for c in self.calls]
+
+
+THIN = DeviceClass("thin", "vg0", thin_pool="pool", default=True)
+THICK = DeviceClass("thick", "vg0")
+
+
+@pytest.fixture
+def lvm() -> FakeLvm:
+    fake = FakeLvm()
+    fake.add_pool()
+    return fake
+
+
+@pytest.fixture
+def backend(lvm: FakeLvm) -> LvmBackend:
+    b = LvmBackend([THIN, THICK], NODE, lvm, udev_sync=False)
+    lvm.calls.clear()
+    return b
+
+
+def spec(name: str = "pvc-1", size: int = 100 * MiB, **kw: Any) -> VolumeSpec:
+    return VolumeSpec(
+        name=name,
+        capacity_bytes=size,
+        access_type=kw.pop("access_type", AccessType.MOUNT),
+        fs_type=kw.pop("fs_type", "ext4"),
+        parameters=kw.pop("parameters", {}),
+        **kw,
+    )
+
+
+def code(exc: pytest.ExceptionInfo[CsiError]) -> grpc.StatusCode:
+    return exc.value.code
+
+
+# --- device classes ----------------------------------------------------------------------------
+
+
+def test_device_classes_from_json_file(tmp_path: Path) -> None:
+    path = tmp_path / "lvm.json"
+    path.write_text(
+        json.dumps(
+            {
+                "deviceClasses": [
+                    {
+                        "name": "fast",
+                        "volumeGroup": "nvme",
+                        "thinPool": "p0",
+                        "default": True,
+                        "overprovisionRatio": 4,
+                        "reservedBytes": "1Gi",
+                    },
+                    {"name": "bulk", "volumeGroup": "hdd", "lvType": "raid1", "mirrors": 2},
+                ]
+            }
+        )
+    )
+    fast, bulk = load_device_classes(LvmConfig(config_file=path, volume_group=None))
+    assert (fast.volume_group, fast.thin_pool, fast.default_lv_type) == ("nvme", "p0", "thin")
+    assert fast.overprovision_ratio == 4.0 and fast.reserved_bytes == GiB
+    assert (bulk.default_lv_type, bulk.mirrors, bulk.default) == ("raid1", 2, False)
+
+
+def test_device_classes_from_yaml_and_from_a_single_vg(tmp_path: Path) -> None:
+    path = tmp_path / "lvm.yaml"
+    path.write_text("deviceClasses:\n  - name: only\n    volumeGroup: vg1\n")
+    (only,) = load_device_classes(LvmConfig(config_file=path, volume_group=None))
+    assert only.default and only.default_lv_type == "linear"
+    (single,) = load_device_classes(LvmConfig(config_file=None, volume_group="vg2"))
+    assert (single.name, single.volume_group, single.default) == ("default", "vg2", True)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"deviceClasses": []}, "empty"),
+        ({"classes": []}, "deviceClasses"),
+        (
+            {
+                "deviceClasses": [
+                    {"name": "a", "volumeGroup": "v"},
+                    {"name": "b", "volumeGroup": "v"},
+                ]
+            },
+            "exactly one",
+        ),
+        (
+            {
+                "deviceClasses": [
+                    {"name": "a", "volumeGroup": "v", "default": True},
+                    {"name": "a", "volumeGroup": "w", "default": False},
+                ]
+            },
+            "unique",
+        ),
+        ({"deviceClasses": [{"name": "a", "volumeGroup": "v", "size": 1}]}, "unknown keys"),
+        ({"deviceClasses": [{"name": "a", "volumeGroup": "../etc"}]}, "not a valid lvm2 name"),
+        ({"deviceClasses": [{"name": "a", "volumeGroup": "-v"}]}, "not a valid lvm2 name"),
+        ({"deviceClasses": [{"name": "A b", "volumeGroup": "v"}]}, "DNS label"),
+        ({"deviceClasses": [{"name": "a", "volumeGroup": "v", "lvType": "thin"}]}, "thinPool"),
+        (
+            {"deviceClasses": [{"name": "a", "volumeGroup": "v", "overprovisionRatio": 2}]},
+            "thinPool",
+        ),
+        ({"deviceClasses": [{"name": "a", "volumeGroup": "v", "lvType": "raid5"}]}, "lvType"),
+        (
+            {"deviceClasses": [{"name": "a", "volumeGroup": "v", "stripeSize": "3k"}]},
+            "power of two",
+        ),
+    ],
+)
+def test_bad_device_classes_are_refused_with_the_reason(doc: object, message: str) -> None:
+    with pytest.raises(DeviceClassError, match=message):
+        parse_device_classes(doc)
+
+
+# --- tags and reports --------------------------------------------------------------------------
+
+
+def test_tags_round_trip_and_encode_unsafe_names() -> None:
+    meta = lvtags.Meta(
+        kind="volume",
+        name="a name/with ünicode",
+        access_type=AccessType.BLOCK,
+        parameters={"deviceClass": "thin", "lvType": "thin"},
+        source_local="s" + "0" * 32,
+        created_ns=123,
+        published=frozenset({"node-a"}),
+    )
+    tags = lvtags.encode(meta)
+    assert all(lvtags_ok(t) for t in tags)
+    assert lvtags.decode(tags) == meta
+    assert lvtags.decode([t for t in tags if t != lvtags.OWNER]) is None  # not ours
+    assert lvtags.decode([lvtags.OWNER, "nlc.kind=volume"]) is None  # incomplete
+    with pytest.raises(ValueError):
+        lvtags.encode(lvtags.Meta(kind="volume", name="x", parameters={"k": "a b"}))
+
+
+def lvtags_ok(tag: str) -> bool:
+    from csi_driver.backends.lvm.lvm2 import TAG
+
+    return bool(TAG.match(tag))
+
+
+def test_fullreport_is_parsed_per_volume_group(lvm: FakeLvm) -> None:
+    groups = parse_fullreport(lvm._report(["lvm", "fullreport"]).stdout)
+    vg = groups["vg0"]
+    assert (vg.size_bytes, vg.free_bytes, vg.extent_bytes, vg.pv_count) == (
+        10 * GiB,
+        8 * GiB,
+        EXTENT,
+        2,
+    )
+    assert vg.lvs["pool"].is_thin_pool and vg.lvs["pool"].data_percent == 10.0
+    with pytest.raises(CsiError, match="cannot parse"):
+        parse_fullreport('{"report": [{"vg": [{}]}]}')
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            CommandError(
+                ["lvcreate"],
+                5,
+                stderr='  Volume group "vg0" has insufficient free space (3 extents): 25 required.',
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        (
+            CommandError(
+                ["lvcreate"],
+                5,
+                stderr='  Volume group "vg9" not found\n  Cannot process volume group vg9',
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        (
+            CommandError(["lvremove"], 5, stderr="  Logical volume vg0/v1 in use."),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        (CommandError(["lvcreate"], None, timed_out=True), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (CommandError(["lvcreate"], None, not_found=True), grpc.StatusCode.UNAVAILABLE),
+        (
+            CommandError(["lvcreate"], 3, stderr="  Internal error: something odd"),
+            grpc.StatusCode.INTERNAL,
+        ),
+    ],
+    ids=["no-space", "vg-missing", "in-use", "timeout", "no-lvm2", "other"],
+)
+def test_lvm2_failures_become_csi_codes(error: CommandError, expected: grpc.StatusCode) -> None:
+    mapped = csi_error(error, "create logical volume vg0/v1")
+    assert mapped.code == expected
+    assert "create logical volume vg0/v1" in mapped.message
+
+
+# --- parameters --------------------------------------------------------------------------------
+
+
+def test_parameters_are_normalised_with_the_class_defaults(backend: LvmBackend) -> None:
+    assert dict(backend.validate_parameters({})) == {"deviceClass": "thin", "lvType": "thin"}
+    assert dict(
+        backend.validate_parameters(
+            {"deviceClass": "thick", "lvType": "striped", "stripeSize": "64Ki"}
+        )
+    ) == {"deviceClass": "thick", "lvType": "striped", "stripes": "2", "stripeSize": "65536"}
+    assert dict(backend.validate_parameters({"lvType": "raid1", "wipeOnDelete": "False"})) == {
+        "deviceClass": "thin",
+        "lvType": "raid1",
+        "mirrors": "1",
+    }
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"deviceClass": "nope"},
+        {"lvType": "raid5"},
+        {"deviceClass": "thick", "lvType": "thin"},
+        {"stripes": "2"},
+        {"lvType": "striped", "stripes": "1"},
+        {"lvType": "striped", "stripeSize": "3000"},
+        {"lvType": "raid1", "mirrors": "9"},
+        {"mirrors": "1"},
+        {"fsType": "btrfs"},
+        {"wipeOnDelete": "yes"},
+        {"size": "1Gi"},
+    ],
+)
+def test_bad_parameters_are_invalid_and_touch_nothing(
+    backend: LvmBackend, lvm: FakeLvm, params: dict[str, str]
+) -> None:
+    with pytest.raises(CsiError) as exc:
+        backend.create_volume(spec(parameters=params))
+    assert code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "lvcreate" not in lvm.commands()
+
+
+# --- creating ----------------------------------------------------------------------------------
+
+
+def test_thin_create_is_one_report_and_one_lvcreate(backend: LvmBackend, lvm: FakeLvm) -> None:
+    volume = backend.create_volume(spec(size=100 * MiB + 1))
+    assert lvm.commands() == ["fullreport", "lvcreate"]
+    create = lvm.calls[1]
+    assert create[create.index("--virtualsize") + 1] == f"{104 * MiB}b"  # whole extents
+    assert create[create.index("--thin") + 1] == "vg0/pool"
+    assert "--noudevsync" in create
+    assert volume.capacity_bytes == 104 * MiB
+    assert volume.id == f"{create[create.index('--name') + 1]}@{NODE}"
+    assert backend.get_volume(volume.id) == volume
+    # the same request again: found, nothing created
+    lvm.calls.clear()
+    assert backend.create_volume(spec(size=100 * MiB + 1)) == volume
+    assert lvm.commands() == ["fullreport"]
+
+
+def test_striped_and_raid1_ask_lvm2_for_them(backend: LvmBackend, lvm: FakeLvm) -> None:
+    backend.create_volume(
+        spec(
+            "s",
+            parameters={
+                "deviceClass": "thick",
+                "lvType": "striped",
+                "stripes": "3",
+                "stripeSize": "128Ki",
+            },
+        )
+    )
+    create = lvm.calls[-1]
+    assert create[create.index("--type") + 1] == "striped"
+    assert create[create.index("--stripes") + 1] == "3"
+    assert create[create.index("--stripesize") + 1] == "128k"
+    assert int(create[create.index("--size") + 1].rstrip("b")) % (3 * EXTENT) == 0
+    assert create[-1] == "vg0" and "--wipesignatures" in create
+    backend.create_volume(spec("r", parameters={"deviceClass": "thick", "lvType": "raid1"}))
+    create = lvm.calls[-1]
+    assert create[create.index("--type") + 1] == "raid1"
+    assert create[create.index("--mirrors") + 1] == "1"
+
+
+def test_same_name_with_other_arguments_already_exists(backend: LvmBackend, lvm: FakeLvm) -> None:
+    backend.create_volume(spec(size=100 * MiB))
+    for other in (
+        spec(size=200 * MiB),
+        spec(access_type=AccessType.BLOCK, fs_type=""),
+        spec(fs_type="xfs"),
+        spec(parameters={"lvType": "linear"}),
+    ):
+        lvm.calls.clear()
+        with pytest.raises(CsiError) as exc:
+            backend.create_volume(other)
+        assert code(exc) == grpc.StatusCode.ALREADY_EXISTS
+        assert "lvcreate" not in lvm.commands()
+
+
+def test_thin_capacity_honours_ratio_and_reserve(lvm: FakeLvm) -> None:
+    cls = DeviceClass(
+        "thin",
+        "vg0",
+        thin_pool="pool",
+        default=True,
+        overprovision_ratio=2.0,
+        reserved_bytes=GiB // 2,
+    )
+    backend = LvmBackend([cls], NODE, lvm)
+    assert backend.capacity({}) == 3 * GiB  # (2 GiB - 0.5 GiB) * 2
+    backend.create_volume(spec(size=GiB))
+    assert backend.capacity({}) == 2 * GiB
+    lvm.calls.clear()
+    with pytest.raises(CsiError) as exc:
+        backend.create_volume(spec("big", size=3 * GiB))
+    assert code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "2147483648 bytes available" in exc.value.message
+    assert "lvcreate" not in lvm.commands()
+
+
+def test_thick_capacity_is_vg_free_space_per_leg(backend: LvmBackend, lvm: FakeLvm) -> None:
+    assert backend.capacity({"deviceClass": "thick"}) == 8 * GiB
+    assert backend.capacity({"deviceClass": "thick", "lvType": "raid1"}) == 4 * GiB - EXTENT
+
+
+def test_lvm2_no_space_is_resource_exhausted(backend: LvmBackend, lvm: FakeLvm) -> None:
+    lvm.fail["lvcreate"] = CommandError(
+        ["lvcreate"], 5, stderr="  Insufficient suitable allocatable extents for logical volume"
+    )
+    with pytest.raises(CsiError) as exc:
+        backend.create_volume(spec(parameters={"deviceClass": "thick"}))
+    assert code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "Insufficient suitable allocatable extents" in exc.value.message
+
+
+def test_missing_volume_group_is_failed_precondition_and_not_ready(lvm: FakeLvm) -> None:
+    lvm.vg_exists = False
+    backend = LvmBackend([THIN], NODE, lvm)
+    assert "volume group 'vg0'" in (backend.health() or "")
+    with pytest.raises(CsiError) as exc:
+        backend.create_volume(spec())
+    assert code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+    assert backend.capacity({}) == 0
+
+
+def test_lvm2_timeout_is_deadline_exceeded(backend: LvmBackend, lvm: FakeLvm) -> None:
+    lvm.fail["lvcreate"] = CommandError(["lvcreate"], None, timed_out=True)
+    with pytest.raises(CsiError) as exc:
+        backend.create_volume(spec())
+    assert code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# --- snapshots, clones, deletion, expansion ----------------------------------------------------
+
+
+def test_thick_volume_snapshot_is_failed_precondition(backend: LvmBackend, lvm: FakeLvm) -> None:
+    volume = backend.create_volume(spec(parameters={"deviceClass": "thick"}))
+    lvm.calls.clear()
+    with pytest.raises(CsiError) as exc:
+        backend.create_snapshot("snap", volume.id, {})
+    assert code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "thin" in exc.value.message
+    assert lvm.commands() == ["fullreport"]
+
+
+def test_snapshot_and_restore_use_thin_snapshots(backend: LvmBackend, lvm: FakeLvm) -> None:
+    volume = backend.create_volume(spec(size=64 * MiB))
+    snap = backend.create_snapshot("snap", volume.id, {})
+    create = lvm.calls[-1]
+    assert "--snapshot" in create and create[-1] == f"vg0/{volume.id.partition('@')[0]}"
+    assert create[create.index("--setactivationskip") + 1] == "y"
+    assert snap.size_bytes == 64 * MiB and snap.source_volume_id == volume.id
+    assert backend.list_snapshots() == [snap]
+    lvm.calls.clear()
+    restored = backend.create_volume(
+        spec("restored", size=128 * MiB, content_source=ContentSource(SourceKind.SNAPSHOT, snap.id))
+    )
+    assert lvm.commands() == ["fullreport", "lvcreate", "lvextend"]
+    assert "--ignoreactivationskip" in lvm.calls[1]
+    assert restored.capacity_bytes == 128 * MiB
+    assert restored.content_source == ContentSource(SourceKind.SNAPSHOT, snap.id)
+    with pytest.raises(CsiError) as exc:
+        backend.create_snapshot("snap", restored.id, {})
+    assert code(exc) == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_published_or_open_volume_is_not_deleted(backend: LvmBackend, lvm: FakeLvm) -> None:
+    volume = backend.create_volume(spec())
+    backend.set_published(volume.id, "n1", True)
+    with pytest.raises(CsiError) as exc:
+        backend.delete_volume(volume.id)
+    assert code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+    backend.set_published(volume.id, "n1", False)
+    name = volume.id.partition("@")[0]
+    lvm.lvs[name]["lv_attr"] = "Vwi-aotz--"
+    with pytest.raises(CsiError) as exc:
+        backend.delete_volume(volume.id)
+    assert code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "lvremove" not in lvm.commands()
+    lvm.lvs[name]["lv_attr"] = "Vwi-a-tz--"
+    lvm.calls.clear()
+    backend.delete_volume(volume.id)
+    assert lvm.commands() == ["fullreport", "lvremove"]
+    backend.delete_volume(volume.id)  # again: nothing to do, not an error
+    backend.delete_volume("v" + "0" * 32 + "@other-node")  # another node's: not ours, no call
+    assert lvm.commands()[-1] == "fullreport"
+
+
+def test_foreign_logical_volumes_are_invisible(backend: LvmBackend, lvm: FakeLvm) -> None:
+    name = "v" + "1" * 32
+    lvm.lvs[name] = FakeLvm._lv(name, GiB, attr="-wi-a-----", layout="linear", tags="other")
+    assert backend.get_volume(f"{name}@{NODE}") is None
+    assert backend.list_volumes() == []
+    backend.delete_volume(f"{name}@{NODE}")
+    assert name in lvm.lvs
+
+
+def test_expand_is_one_report_and_one_lvextend(backend: LvmBackend, lvm: FakeLvm) -> None:
+    volume = backend.create_volume(spec(size=64 * MiB))
+    lvm.calls.clear()
+    grown = backend.expand_volume(volume.id, 100 * MiB)
+    assert lvm.commands() == ["fullreport", "lvextend"]
+    assert grown.capacity_bytes == 100 * MiB
+    lvm.calls.clear()
+    assert backend.expand_volume(volume.id, 80 * MiB).capacity_bytes == 100 * MiB
+    assert lvm.commands() == ["fullreport"]
+    with pytest.raises(CsiError) as exc:
+        backend.expand_volume(volume.id, 100 * GiB)
+    assert code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
