@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--memory", default=os.environ.get("CSI_VM_MEMORY", "3G"))
     parser.add_argument("--cpus", type=int, default=int(os.environ.get("CSI_VM_CPUS", "2")))
     parser.add_argument(
-        "--timeout", type=float, default=float(os.environ.get("CSI_VM_TIMEOUT", "2700"))
+        "--timeout", type=float, default=float(os.environ.get("CSI_VM_TIMEOUT", "3600"))
     )
     parser.add_argument("--vg", default=os.environ.get("CSI_TEST_VG", "csitest"))
     parser.add_argument("--thinpool", default=os.environ.get("CSI_TEST_THINPOOL", "thinpool"))
