@@ -332,6 +332,31 @@ def test_a_restart_loses_nothing(env: Env) -> None:
     assert backend.health() is None
 
 
+def test_a_restart_rolls_back_creations_nobody_was_given(env: Env) -> None:
+    """A kill after the storage was built but before CreateVolume/CreateSnapshot answered leaves
+    ``creating`` rows; if the CO never retries, the restart must not keep them forever."""
+    from csi_driver.backends.hostpath.store import State
+
+    backend = env.open(capacity=256 * MiB)
+    empty = backend.capacity({})
+    d = backend.create_volume(spec("half-done", 16 * MiB))
+    b = backend.create_volume(spec("half-done-block", 8 * MiB, AccessType.BLOCK))
+    snap = backend.create_snapshot("half-snap", d.id, {})
+    (env.data(d) / "f").write_bytes(b"x" * 4096)
+    for volume in (d, b):
+        backend._store.set_volume_state(volume.id.partition("@")[0], State.CREATING)
+    backend._store.set_snapshot_state(snap.id.partition("@")[0], State.CREATING)
+
+    backend = env.open(capacity=256 * MiB)
+    assert backend.list_volumes() == [] and backend.list_snapshots() == []
+    assert not env.data(d).exists() and not env.data(b).parent.exists()
+    assert not (env.root / "snapshots" / snap.id.partition("@")[0]).exists()
+    assert backend.capacity({}) == empty
+    # the CO's late retry still gets its volume, built afresh
+    again = backend.create_volume(spec("half-done", 16 * MiB))
+    assert again.id == d.id and not (env.data(again) / "f").exists()
+
+
 def test_running_out_of_capacity_is_resource_exhausted(env: Env) -> None:
     backend = env.open(capacity=32 * MiB)
     backend.create_volume(spec("a", 24 * MiB, AccessType.BLOCK))

@@ -16,7 +16,8 @@ Crash safety: every change is written to the database before the storage is touc
 Creating inserts a ``creating`` row, builds the storage and marks the row ``ready``; a retry
 of the same request finds the unfinished row and builds again from scratch (nothing of an
 unfinished volume was ever handed out). Deleting marks the row ``deleting``, removes the
-storage, then removes the row. At start the backend finishes every ``deleting`` row and
+storage, then removes the row. At start the backend rolls back every ``creating`` row (the
+CO's retry creates the volume afresh), finishes every ``deleting`` row and
 removes storage that no row describes (left by a kill between creating storage and writing
 its row, which cannot happen in this order, or by a kill inside a removal). A root whose
 database is missing but whose storage is not is refused: its volumes are not leftovers.
@@ -251,6 +252,15 @@ class HostPathBackend:
             self._logged(functools.partial(self._finish_volume_delete, row))
         for snap in self._store.snapshots(State.DELETING):
             log.info("finishing an interrupted snapshot deletion", extra={"local": snap.local_id})
+            self._logged(functools.partial(self._finish_snapshot_delete, snap))
+        # An unfinished creation was never handed to anyone (CreateVolume did not answer), and
+        # a retry rebuilds it from scratch anyway: roll it back, so a create that is never
+        # retried holds no storage and no capacity.
+        for row in self._store.volumes(State.CREATING):
+            log.info("rolling back an interrupted volume creation", extra={"local": row.local_id})
+            self._logged(functools.partial(self._finish_volume_delete, row))
+        for snap in self._store.snapshots(State.CREATING):
+            log.info("rolling back an interrupted snapshot", extra={"local": snap.local_id})
             self._logged(functools.partial(self._finish_snapshot_delete, snap))
         volumes = {row.local_id: row for row in self._store.volumes()}
         self._sweep(self._volumes_dir, _VOLUME_LOCAL, set(volumes))
