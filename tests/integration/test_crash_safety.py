@@ -46,8 +46,9 @@ import pytest
 
 from csi_driver import ids
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
-from tests.integration.conftest import NODE_ID, DriverProcess, loops_under, mounts_under
-from tests.integration.conftest import ROOT as REPO_ROOT
+from tests.driver_process import REPO as REPO_ROOT
+from tests.driver_process import DriverProcess, loops_under, mounts_under
+from tests.integration.conftest import NODE_ID
 
 pytestmark = pytest.mark.root
 

@@ -25,7 +25,8 @@ from csi_driver.proto import csi_pb2
 from csi_driver.system.filesystem import FilesystemError, Filesystems
 from csi_driver.system.mounter import Mounter
 from csi_driver.system.runner import SubprocessRunner
-from tests.integration.conftest import NODE_ID, Csi, DriverProcess, loops_under, mounts_under
+from tests.driver_process import Csi, DriverProcess, loops_under, mounts_under
+from tests.integration.conftest import NODE_ID
 
 pytestmark = pytest.mark.root
 

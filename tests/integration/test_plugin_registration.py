@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import yaml
 from csi_driver import DEFAULT_DRIVER_NAME
 from csi_driver.config import topology_key
 from csi_driver.proto import csi_pb2, csi_pb2_grpc, registration_pb2, registration_pb2_grpc
+from tests.driver_process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy" / "nodelocal-csi.yaml"
@@ -72,13 +72,6 @@ def flag_value(args: list[str], name: str) -> str:
     prefix = f"--{name}="
     (value,) = [a[len(prefix) :] for a in args if a.startswith(prefix)]
     return value
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

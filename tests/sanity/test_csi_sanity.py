@@ -10,21 +10,16 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
-from csi_driver.proto import csi_pb2, csi_pb2_grpc
+from tests.driver_process import DriverProcess, clean_up_host, mounts_under
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = ROOT / "scripts" / "install-csi-sanity.sh"
@@ -51,138 +46,27 @@ def csi_sanity_binary() -> str:
     return path
 
 
-def mounts_under(prefix: str) -> list[str]:
-    found = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            mountpoint = line.split()[1].replace("\\040", " ")
-            if mountpoint == prefix or mountpoint.startswith(prefix + "/"):
-                found.append(mountpoint)
-    return found
-
-
-def loops_under(prefix: str) -> list[tuple[str, str]]:
-    out = subprocess.run(
-        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    found = []
-    for line in out.splitlines():
-        parts = line.split(None, 1)
-        if len(parts) == 2 and parts[1].strip().startswith(prefix + "/"):
-            found.append((parts[0], parts[1].strip()))
-    return found
-
-
-def clean_up_host(workdir: str) -> list[str]:
-    """Unmount and detach whatever is left under ``workdir``; returns what had leaked."""
-    leaks = []
-    for mountpoint in sorted(mounts_under(workdir), key=len, reverse=True):
-        leaks.append(f"mount {mountpoint}")
-        subprocess.run(["umount", mountpoint], timeout=60, check=False)
-    for mountpoint in mounts_under(workdir):
-        subprocess.run(["umount", "--lazy", mountpoint], timeout=60, check=False)
-    for device, backing in loops_under(workdir):
-        leaks.append(f"loop device {device} -> {backing}")
-        subprocess.run(["losetup", "--detach", device], timeout=60, check=False)
-    return leaks
-
-
-@dataclass
-class Driver:
-    workdir: Path
-    socket: Path
-    log: Path
-    process: subprocess.Popen[bytes]
-
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError as exc:
-            return f"(no driver log: {exc})"
-
-
-def wait_until_serving(driver: Driver, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    last_error = "socket not created"
-    while time.monotonic() < deadline:
-        if driver.process.poll() is not None:
-            pytest.fail(
-                f"driver exited with {driver.process.returncode} during start:\n"
-                + driver.log_tail()
-            )
-        if driver.socket.exists():
-            with grpc.insecure_channel(f"unix://{driver.socket}") as channel:
-                try:
-                    reply = csi_pb2_grpc.IdentityStub(channel).Probe(
-                        csi_pb2.ProbeRequest(), timeout=5
-                    )
-                    if reply.ready.value:
-                        return
-                    last_error = "Probe answered not ready"
-                except grpc.RpcError as exc:
-                    last_error = f"Probe failed: {exc.code().name} {exc.details()}"
-        time.sleep(0.2)
-    pytest.fail(f"driver not serving after {timeout} s ({last_error}):\n" + driver.log_tail())
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=30)
-
-
 @pytest.fixture
-def driver() -> Iterator[Driver]:
+def driver() -> Iterator[DriverProcess]:
     if os.geteuid() != 0:
         pytest.fail("the csi-sanity lane needs root for mounts and loop devices")
     # Short path: a unix socket path must stay under 108 bytes.
     workdir = Path(tempfile.mkdtemp(prefix="csi-sanity-", dir="/tmp"))
-    socket = workdir / "csi.sock"
-    log = workdir / "driver.log"
-    (workdir / "root").mkdir()
-    argv = [
-        sys.executable,
-        "-m",
-        "csi_driver",
-        "--mode",
-        "standalone",
-        "--backend",
-        "hostpath",
-        "--hostpath-root",
-        str(workdir / "root"),
-        "--endpoint",
-        f"unix://{socket}",
-        "--node-id",
-        NODE_ID,
-        "--log-level",
-        "debug",
-        "--max-volumes-per-node",
-        str(MAX_VOLUMES_PER_NODE),
-    ]
+    d = DriverProcess(
+        workdir,
+        node_id=NODE_ID,
+        extra_args=["--max-volumes-per-node", str(MAX_VOLUMES_PER_NODE)],
+    )
     leaks: list[str] = []
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
-        )
-    d = Driver(workdir, socket, log, process)
     try:
-        wait_until_serving(d)
+        d.start()
         yield d
     finally:
-        stop(process)
+        d.stop()
         leaks = clean_up_host(str(workdir))
         if not mounts_under(str(workdir)):
             shutil.rmtree(workdir, ignore_errors=True)
-    assert process.returncode == 0, f"driver exited with {process.returncode}:\n" + d.log_tail()
+    assert d.exits == [0], f"driver exited with {d.exits}:\n" + d.log_tail()
     assert not leaks, f"left behind after csi-sanity and driver stop: {leaks}"
 
 
@@ -240,7 +124,7 @@ def junit_counts(report: Path) -> tuple[Counter[str], list[str]]:
 
 @pytest.mark.root
 @pytest.mark.parametrize("access_type", ["mount", "block"])
-def test_csi_sanity(driver: Driver, access_type: str) -> None:
+def test_csi_sanity(driver: DriverProcess, access_type: str) -> None:
     binary = csi_sanity_binary()
     report = driver.workdir / f"junit-{access_type}.xml"
     output = driver.workdir / f"csi-sanity-{access_type}.log"

@@ -14,11 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import socket
 import subprocess
-import sys
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +25,14 @@ import pytest
 
 from csi_driver.backends.lvm.tags import OWNER
 from csi_driver.proto import csi_pb2
-from tests.integration.conftest import Csi, DriverProcess, clean_up_host, csi_stubs, mounts_under
+from tests.driver_process import (
+    Csi,
+    DriverProcess,
+    clean_up_host,
+    csi_stubs,
+    free_port,
+    mounts_under,
+)
 
 if os.environ.get("CSI_VM_LANE") != "1":
     pytest.skip("runs inside the real-kernel VM: scripts/test-vm.sh", allow_module_level=True)
@@ -76,52 +79,18 @@ def segtype(lv: str) -> tuple[str, int]:
     return seg["segtype"], int(seg["stripes"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class LvmDriver(DriverProcess):
     classes: Path = Path()
-    metrics_port: int = 0
 
-    def argv(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "csi_driver",
-            "--mode",
-            "standalone",
-            "--backend",
-            "lvm",
-            "--lvm-config",
-            str(self.classes),
-            "--lvm-udev-sync",
-            "true" if UDEV else "false",
-            "--endpoint",
-            self.target,
-            "--node-id",
-            self.node_id,
-            "--log-level",
-            "debug",
-            "--metrics-address",
-            f"127.0.0.1:{self.metrics_port}",
-        ]
+    def backend_args(self) -> list[str]:
+        udev = "true" if UDEV else "false"
+        return ["--backend", "lvm", "--lvm-config", str(self.classes), "--lvm-udev-sync", udev]
 
     def lvm_calls(self) -> int:
         """lvm2 commands run so far, from the driver's own /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            text = reply.read().decode()
-        total = 0.0
-        for m in re.finditer(
-            r'^csi_driver_command_total\{program="([^"]+)",[^}]*\} (\S+)$', text, re.M
-        ):
-            if m.group(1) in LVM_PROGRAMS:
-                total += float(m.group(2))
-        return int(total)
+        counts = self.command_counts()
+        return int(sum(n for (program, _), n in counts.items() if program in LVM_PROGRAMS))
 
 
 @pytest.fixture

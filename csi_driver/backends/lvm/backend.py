@@ -97,10 +97,6 @@ WIPE_TIMEOUT = 3600.0
 CONTEXT_PREFIX = "lvm.nodelocal.csi.dev/"
 
 
-def _is_true(value: str) -> bool:
-    return value.lower() == "true"
-
-
 class LvmBackend:
     """The :class:`~csi_driver.backends.base.Backend` for LVM logical volumes."""
 
@@ -619,7 +615,7 @@ class LvmBackend:
                     f"volume {volume_id!r} ({lv.vg}/{lv.name}) is open, mounted or in use;"
                     " unstage and unpublish it first"
                 )
-            if _is_true(meta.parameters.get("wipeOnDelete", "")):
+            if meta.parameters.get(mutable.WIPE_ON_DELETE) == "true":
                 self._wipe(lv)
             self._lvm.remove(lv.vg, lv.name)
         log.info("deleted volume", extra={"volume_id": volume_id})

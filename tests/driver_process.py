@@ -1,0 +1,270 @@
+"""The driver as a child process, and the host state a run of it may leave behind.
+
+One home for what the integration lane, the csi-sanity lane, the VM lane and the benchmarks all
+need: start ``python -m csi_driver`` on a unix socket and wait until Probe says ready, stop it
+with SIGTERM, open stubs over its socket, read its command counters from ``/metrics``, and find
+(and remove) the mounts and loop devices left below a directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from csi_driver.proto import csi_pb2, csi_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+
+CommandCounts = dict[tuple[str, str], float]
+_COMMAND_LINE = re.compile(
+    r'^csi_driver_command_total\{program="((?:[^"\\]|\\.)*)",result="((?:[^"\\]|\\.)*)"\}'
+    r"\s+(\S+)$"
+)
+
+
+class DriverStartError(AssertionError):
+    """The driver exited or did not serve in time; the message has its log's tail."""
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the driver does not report the port it bound for
+    ``:0``, so the caller picks one; a race with another program makes the start fail, loudly)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def parse_command_counts(text: str) -> CommandCounts:
+    """``csi_driver_command_total`` from a /metrics page: (program, result) -> count."""
+    counts: CommandCounts = {}
+    for line in text.splitlines():
+        m = _COMMAND_LINE.match(line.strip())
+        if m:
+            counts[(m.group(1), m.group(2))] = float(m.group(3))
+    return counts
+
+
+@dataclass
+class Csi:
+    channel: grpc.Channel
+    identity: csi_pb2_grpc.IdentityStub
+    controller: csi_pb2_grpc.ControllerStub
+    node: csi_pb2_grpc.NodeStub
+
+
+@contextlib.contextmanager
+def csi_stubs(target: str) -> Iterator[Csi]:
+    """Identity, Controller and Node stubs over one channel to ``target``."""
+    channel = grpc.insecure_channel(target)
+    try:
+        yield Csi(
+            channel,
+            csi_pb2_grpc.IdentityStub(channel),
+            csi_pb2_grpc.ControllerStub(channel),
+            csi_pb2_grpc.NodeStub(channel),
+        )
+    finally:
+        channel.close()
+
+
+@dataclass
+class DriverProcess:
+    """``python -m csi_driver --mode standalone`` with its socket, log and (for the hostpath
+    backend) root in ``workdir``. Subclasses change :meth:`backend_args` for another backend.
+    ``metrics_port`` 0 leaves the metrics endpoint off."""
+
+    workdir: Path
+    node_id: str = "it-node"
+    extra_args: list[str] = field(default_factory=list)
+    log_level: str = "debug"
+    metrics_port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    exits: list[int] = field(default_factory=list)  # exit codes of SIGTERM stops
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "csi.sock"
+
+    @property
+    def root(self) -> Path:
+        return self.workdir / "root"
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "driver.log"
+
+    @property
+    def target(self) -> str:
+        return f"unix://{self.socket}"
+
+    def backend_args(self) -> list[str]:
+        return ["--backend", "hostpath", "--hostpath-root", str(self.root)]
+
+    def argv(self) -> list[str]:
+        metrics = (
+            ["--metrics-address", f"127.0.0.1:{self.metrics_port}"] if self.metrics_port else []
+        )
+        return [
+            sys.executable,
+            "-m",
+            "csi_driver",
+            "--mode",
+            "standalone",
+            *self.backend_args(),
+            "--endpoint",
+            self.target,
+            "--node-id",
+            self.node_id,
+            "--log-level",
+            self.log_level,
+            *metrics,
+            *self.extra_args,
+        ]
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
+        self._wait_until_serving()
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL to its process group after STOP_TIMEOUT; records the exit code."""
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=STOP_TIMEOUT)
+        self.exits.append(proc.returncode)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_tail(self, lines: int = 80) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no driver log: {exc})"
+
+    def command_counts(self) -> CommandCounts:
+        """External commands the driver ran so far, from its own /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            body: bytes = reply.read()
+        return parse_command_counts(body.decode())
+
+    def stubs(self) -> contextlib.AbstractContextManager[Csi]:
+        return csi_stubs(self.target)
+
+    def _wait_until_serving(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        last = "socket not created"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise DriverStartError(
+                    f"driver exited with {self.process.returncode} while starting:\n"
+                    + self.log_tail()
+                )
+            if self.socket.exists():
+                with grpc.insecure_channel(self.target) as channel:
+                    try:
+                        reply = csi_pb2_grpc.IdentityStub(channel).Probe(
+                            csi_pb2.ProbeRequest(), timeout=5
+                        )
+                        if reply.ready.value:
+                            return
+                        last = "Probe answered not ready"
+                    except grpc.RpcError as exc:
+                        last = f"Probe failed: {exc.code().name} {exc.details()}"
+            time.sleep(0.1)
+        raise DriverStartError(
+            f"driver not serving after {START_TIMEOUT} s ({last}):\n" + self.log_tail()
+        )
+
+
+# --- what a run may leave on the host ---------------------------------------------------------
+
+
+def _unescape(field: str) -> str:
+    """A /proc/self/mounts field with its octal escapes (``\\040`` for a space) decoded."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_under(prefix: str) -> list[str]:
+    """Mount points at or below ``prefix``, from /proc/self/mounts."""
+    found = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            mountpoint = _unescape(line.split()[1])
+            if mountpoint == prefix or mountpoint.startswith(prefix + "/"):
+                found.append(mountpoint)
+    return found
+
+
+def loops_under(prefix: str) -> list[tuple[str, str]]:
+    """(device, backing file) of loop devices whose backing file is below ``prefix``."""
+    out = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    found = []
+    for line in out.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2:
+            backing = parts[1].strip().removesuffix(" (deleted)")
+            if backing.startswith(prefix + "/"):
+                found.append((parts[0], backing))
+    return found
+
+
+def clean_up_host(prefix: str) -> list[str]:
+    """Unmount everything below ``prefix`` (deepest first), detach its loop devices and make
+    their devices writable again; return what was found (each item a leak)."""
+    leaks = []
+    for _ in range(4):  # stacked mounts need more than one pass
+        found = sorted(mounts_under(prefix), key=len, reverse=True)
+        if not found:
+            break
+        for mountpoint in found:
+            leaks.append(f"mount {mountpoint}")
+            subprocess.run(["umount", mountpoint], timeout=60, check=False, capture_output=True)
+    for mountpoint in mounts_under(prefix):
+        subprocess.run(["umount", "--lazy", mountpoint], timeout=60, check=False)
+    for device, backing in loops_under(prefix):
+        leaks.append(f"loop device {device} -> {backing}")
+        subprocess.run(["blockdev", "--setrw", device], timeout=30, check=False)
+        subprocess.run(["losetup", "--detach", device], timeout=60, check=False)
+    return sorted(set(leaks))
