@@ -28,7 +28,7 @@ proto:
 deploy:
 	scripts/render-deploy.sh
 
-registration:  ## plugin registration with the real csi-node-driver-registrar (needs the binary)
+registration:  ## plugin registration with the real csi-node-driver-registrar and livenessprobe
 	scripts/install-python.sh && .venv/bin/pytest -q tests/integration/test_plugin_registration.py
 
 bench:  ## run the benchmarks (docs/benchmarks.md)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from csi_driver import __version__
 from csi_driver.backends import build_backend
@@ -27,9 +28,17 @@ class Driver:
     backend: Backend | None
     metrics: Metrics
     metrics_server: MetricsServer | None
+    #: what else must be well for this process to serve (the node's mount table, ...)
+    checks: list[Callable[[], str | None]] = field(default_factory=list)
 
     def health(self) -> str | None:
-        return None if self.backend is None else self.backend.health()
+        """Why this process cannot serve now, or None: the one answer behind Probe and
+        /healthz."""
+        for check in [*([self.backend.health] if self.backend is not None else []), *self.checks]:
+            problem = check()
+            if problem is not None:
+                return problem
+        return None
 
     def start(self) -> None:
         self.server.start()
@@ -51,7 +60,8 @@ def build(config: Config) -> Driver:
     backend = build_backend(config, runner) if config.mode.owns_volumes else None
     locks = KeyLocks()
 
-    identity = IdentityServicer(config, backend)
+    checks: list[Callable[[], str | None]] = []
+    identity = IdentityServicer(config, lambda: driver.health())
     controller = ControllerServicer(config, backend, locks)
     registrations: list[Registration] = [
         lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
@@ -63,7 +73,8 @@ def build(config: Config) -> Driver:
         from csi_driver.system.filesystem import Filesystems
         from csi_driver.system.mounter import Mounter
 
-        node = NodeServicer(config, backend, locks, Mounter(runner), Filesystems(runner))
+        node = NodeServicer(config, backend, locks, Mounter(), Filesystems(runner))
+        checks.append(node.health)
         registrations.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
     else:
         from csi_driver.services.node import NodeCapabilitiesServicer
@@ -77,7 +88,7 @@ def build(config: Config) -> Driver:
         [ErrorAndLogInterceptor(metrics)],
         grace_period=config.grace_period,
     )
-    driver = Driver(config, server, backend, metrics, None)
+    driver = Driver(config, server, backend, metrics, None, checks)
     if config.metrics_address:
         driver.metrics_server = MetricsServer(config.metrics_address, metrics, driver.health)
     return driver

@@ -25,6 +25,7 @@ from csi_driver.units import parse_bytes
 ENV_PREFIX = "CSI_DRIVER_"
 DEFAULT_ENDPOINT = "unix:///run/nodelocal-csi/csi.sock"
 DEFAULT_HOSTPATH_ROOT = "/var/lib/nodelocal-csi/hostpath"
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 
 
 def _env_name(flag: str) -> str:
@@ -119,6 +120,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         nargs="?",
         const=True,
     )
+    add(
+        "--kubelet-dir",
+        "the kubelet's root directory: staging and target paths must lie strictly below it,"
+        " and no component on the way may be a symbolic link",
+        DEFAULT_KUBELET_DIR,
+    )
     add("--max-volumes-per-node", "reported in NodeGetInfo; 0 means no limit", 0, type=int)
     add("--grace-period", "seconds in-flight RPCs get to finish on SIGTERM", 10.0, type=float)
     add(
@@ -190,6 +197,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
             log_level=args.log_level.upper(),
             max_volumes_per_node=args.max_volumes_per_node,
             grace_period=args.grace_period,
+            kubelet_dir=Path(os.path.normpath(os.path.abspath(args.kubelet_dir))),
         )
     except ValueError as exc:
         parser.error(str(exc))

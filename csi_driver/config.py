@@ -35,7 +35,7 @@ class LogFormat(enum.Enum):
     JSON = "json"
 
 
-_DRIVER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
+_DRIVER_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?\Z")
 
 
 def topology_key(driver_name: str) -> str:
@@ -101,16 +101,22 @@ class Config:
     log_level: str = "INFO"
     max_volumes_per_node: int = 0
     grace_period: float = 10.0
+    #: staging and target paths must lie strictly below this directory (never a symlink on the way)
+    kubelet_dir: Path = Path("/var/lib/kubelet")
 
     @property
     def topology_key(self) -> str:
         return topology_key(self.driver_name)
 
     def __post_init__(self) -> None:
-        if not _DRIVER_NAME.match(self.driver_name) or "." not in self.driver_name:
+        if not _DRIVER_NAME.fullmatch(self.driver_name) or "." not in self.driver_name:
             raise ValueError(
                 f"driver name {self.driver_name!r} must be a reverse-DNS style name of at most"
                 " 63 lower-case characters, e.g. nodelocal.csi.dev"
+            )
+        if not self.kubelet_dir.is_absolute() or str(self.kubelet_dir) == "/":
+            raise ValueError(
+                f"kubelet dir {str(self.kubelet_dir)!r} must be an absolute directory other than /"
             )
         if not self.node_id or len(self.node_id) > 128:
             raise ValueError("node id must be 1 to 128 characters")

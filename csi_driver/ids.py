@@ -13,10 +13,12 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from csi_driver.bounded import echo
 from csi_driver.errors import InvalidArgument, NotFound
 
-NODE_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
-_ID_RE = re.compile(r"^([vs])([0-9a-f]{32})@(.+)$")
+# \A and \Z, not ^ and $: "$" also matches before a final newline, and "<id>\n" is no id.
+NODE_ID_RE = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?\Z")
+_ID_RE = re.compile(r"([vs])([0-9a-f]{32})@(.+)")
 MAX_ID_LENGTH = 192
 
 
@@ -46,8 +48,8 @@ def parse(value: str, kind: str) -> ParsedId | None:
     """The parsed id, or None when ``value`` is not an id of ``kind`` of this driver."""
     if not value or len(value) > MAX_ID_LENGTH:
         return None
-    m = _ID_RE.match(value)
-    if m is None or m.group(1) != kind or not NODE_ID_RE.match(m.group(3)):
+    m = _ID_RE.fullmatch(value)
+    if m is None or m.group(1) != kind or not NODE_ID_RE.fullmatch(m.group(3)):
         return None
     return ParsedId(kind, m.group(1) + m.group(2), m.group(3))
 
@@ -68,7 +70,7 @@ def require_volume_id(value: str, field: str = "volume_id") -> ParsedId:
     _reject_unsafe(value, field)
     parsed = parse(value, "v")
     if parsed is None:
-        raise NotFound(f"volume {value!r} does not exist")
+        raise NotFound(f"volume {echo(value)} does not exist")
     return parsed
 
 
@@ -78,5 +80,5 @@ def require_snapshot_id(value: str, field: str = "snapshot_id") -> ParsedId:
     _reject_unsafe(value, field)
     parsed = parse(value, "s")
     if parsed is None:
-        raise NotFound(f"snapshot {value!r} does not exist")
+        raise NotFound(f"snapshot {echo(value)} does not exist")
     return parsed

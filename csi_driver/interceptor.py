@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
+from csi_driver import bounded
 from csi_driver.errors import CsiError
 from csi_driver.metrics import Metrics
+from csi_driver.system.runner import DEADLINE_EXCEEDED, CancelToken, bound_to
 
 log = logging.getLogger("csi_driver.rpc")
 
@@ -49,12 +52,36 @@ def redact(message: Message) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _bound_to_rpc(context: grpc.ServicerContext) -> Iterator[None]:
+    """The external commands of an RPC die with it: the runner kills them when the client
+    cancels or the deadline passes, and what the handler then raises answers CANCELLED or
+    DEADLINE_EXCEEDED (the per-volume lock is released on the way out)."""
+    token = CancelToken.within(context.time_remaining())
+    if not context.add_callback(token.cancel):
+        token.cancel()
+    with bound_to(token):
+        try:
+            yield
+        except Exception as exc:
+            reason = token.reason()
+            if reason is None:
+                raise
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if reason == DEADLINE_EXCEEDED
+                else grpc.StatusCode.CANCELLED
+            )
+            raise CsiError(f"{reason}: {exc}", code) from exc
+
+
 class ErrorAndLogInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Logs method, duration and code of every RPC; maps exceptions to statuses.
 
     CsiError -> its code and message. NotImplementedError (the generated base servicers raise it)
     -> UNIMPLEMENTED. Anything else -> INTERNAL with a message, logged with its traceback; the
-    server keeps running.
+    server keeps running. The status message is capped (``bounded.cap_message``) and the
+    request is logged bounded (``bounded.loggable``): neither grows with the client's input.
     """
 
     def __init__(self, metrics: Metrics) -> None:
@@ -76,7 +103,8 @@ class ErrorAndLogInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             code = grpc.StatusCode.OK
             message = ""
             try:
-                response: Message = inner(request, context)
+                with _bound_to_rpc(context):
+                    response: Message = inner(request, context)
                 return response
             except CsiError as exc:
                 code, message = exc.code, exc.message
@@ -87,6 +115,7 @@ class ErrorAndLogInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 message = f"internal error in {method}: {type(exc).__name__}: {exc}"
                 log.exception("unexpected error", extra={"method": method})
             finally:
+                message = bounded.cap_message(message)
                 seconds = time.monotonic() - start
                 self._metrics.observe_rpc(method, code.name, seconds)
                 level = logging.INFO if code is grpc.StatusCode.OK else logging.WARNING
@@ -100,7 +129,7 @@ class ErrorAndLogInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                             "method": method,
                             "code": code.name,
                             "seconds": round(seconds, 4),
-                            "request": redact(request),
+                            "request": bounded.loggable(redact(request)),
                             **({"error": message} if message else {}),
                         },
                     )

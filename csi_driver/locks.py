@@ -10,6 +10,12 @@ from contextlib import contextmanager
 from csi_driver.errors import Aborted
 
 
+def path_key(path: str) -> str:
+    """The lock key of a staging or target path: two operations on one path never overlap,
+    whichever volumes they name."""
+    return f"path:{path}"
+
+
 class KeyLocks:
     """Non-blocking locks keyed by strings (volume ids, names, snapshot ids)."""
 

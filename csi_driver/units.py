@@ -18,7 +18,7 @@ _SUFFIXES = {
     "Ti": 2**40,
     "Pi": 2**50,
 }
-_QUANTITY = re.compile(r"^([0-9]+)(|k|K|M|G|T|P|Ki|Mi|Gi|Ti|Pi)$")
+_QUANTITY = re.compile(r"\A([0-9]+)(|k|K|M|G|T|P|Ki|Mi|Gi|Ti|Pi)\Z")
 
 KiB = 2**10
 MiB = 2**20

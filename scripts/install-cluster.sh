@@ -5,9 +5,8 @@
 #   - Kubernetes server binaries (kube-apiserver, kube-controller-manager, kube-scheduler,
 #     kubelet) built from the k8s.io/kubernetes module pinned in tools/kubernetes/go.mod into
 #     $CSI_CACHE_DIR/kubernetes/<version>/bin;
-#   - our node-driver-registrar and livenessprobe stand-ins (tools/kubernetes/cmd/*), same
-#     module, same cache directory;
-#   - helm (scripts/install-chart-tools.sh) and the CSI sidecars (scripts/install-sidecars.sh);
+#   - helm (scripts/install-chart-tools.sh) and the CSI sidecars, the node-driver-registrar and
+#     the livenessprobe included (scripts/install-sidecars.sh);
 #   - the VolumeSnapshot CRDs of the sidecars' external-snapshotter release, into
 #     $CSI_CACHE_DIR/e2e-crds.
 # A second run only checks stamps and is done in a second. See docs/testing-e2e.md.
@@ -36,8 +35,7 @@ install_debs() {
 }
 
 # build_k8s: one `go build` per command so that a failure names its command; the stamp holds
-# the go.sum hash and the ldflags (which name the version), so a version bump rebuilds while an
-# edit of our own stand-in commands in the same module does not.
+# the go.sum hash and the ldflags (which name the version), so a version bump rebuilds.
 build_k8s() {
     local major minor
     major=$(echo "$K8S_VERSION" | sed -E 's/^v([0-9]+)\..*/\1/')
@@ -61,24 +59,6 @@ build_k8s() {
             go build -trimpath -ldflags "$ldflags" -o "$K8S_BIN/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd")
         mv "$K8S_BIN/$cmd.tmp" "$K8S_BIN/$cmd"
         printf '%s\n' "$want" >"$stamp"
-    done
-}
-
-# build_standins: our registrar and livenessprobe (tools/kubernetes/cmd/*), which stand in for
-# the upstream sidecars the module proxy does not serve; rebuilt when their sources change.
-build_standins() {
-    local src_hash
-    src_hash=$(cd "$K8S_MOD_DIR" && cat go.sum $(find cmd internal -name '*.go' | sort) | sha256sum | cut -d' ' -f1)
-    for cmd in registrar livenessprobe; do
-        local stamp="$K8S_BIN/.$cmd.stamp"
-        if [ -x "$K8S_BIN/$cmd" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$src_hash" ]; then
-            continue
-        fi
-        say "building the $cmd stand-in"
-        (cd "$K8S_MOD_DIR" && CGO_ENABLED=0 GOFLAGS=-mod=mod nice -n "$BUILD_NICE" \
-            go build -trimpath -ldflags "-s -w" -o "$K8S_BIN/$cmd.tmp" "./cmd/$cmd")
-        mv "$K8S_BIN/$cmd.tmp" "$K8S_BIN/$cmd"
-        printf '%s\n' "$src_hash" >"$stamp"
     done
 }
 
@@ -112,7 +92,6 @@ esac
 
 install_debs
 build_k8s
-build_standins
 # helm (and kubeconform) and the sidecars come from the chart engineer's scripts.
 "$ROOT/scripts/install-chart-tools.sh" >&2
 "$ROOT/scripts/install-sidecars.sh" >&2

@@ -1,35 +1,26 @@
 #!/usr/bin/env bash
-# Builds the Kubernetes CSI sidecars the chart deploys, at the releases its image tags name, from
-# the Go module proxy through our tools module (tools/sidecars), into
+# Builds the Kubernetes CSI sidecars the chart deploys, at the releases its image tags name, into
 # ${CSI_CACHE_DIR:-$HOME/.cache/nodelocal-csi}/bin:
 #   csi-provisioner  csi-attacher  csi-resizer  csi-snapshotter  snapshot-controller
-# Idempotent: a binary is rebuilt only when tools/sidecars/go.mod or go.sum changed.
-#
-# csi-node-driver-registrar and livenessprobe cannot be built this way: their modules
-# (github.com/kubernetes-csi/node-driver-registrar, .../livenessprobe) are published without the
-# /v2 suffix their v2.x tags need, so the module proxy has no release of them to serve. Put
-# binaries of the chart's pinned releases (v2.17.0 and v2.19.0) into the bin directory yourself;
-# this script reports whether they are there (--require-all makes their absence an error).
-set -euo pipefail
+#       from the Go module proxy through our tools module (tools/sidecars);
+#   csi-node-driver-registrar  livenessprobe
+#       from their upstream release sources in ../shared/third_party (beside the repository;
+#       $CSI_THIRD_PARTY_DIR overrides), offline with their vendor folders, else from the Go
+#       module proxy. Their modules are published without the /v2 suffix their v2.x tags need,
+#       so the proxy normally has nothing to serve; when neither source works the script fails
+#       and names what is missing.
+# Idempotent: a binary is rebuilt only when its input changed (tools/sidecars/go.mod and go.sum;
+# the source tarball's checksum), recorded in a stamp under $CSI_CACHE_DIR/stamps.
+# Prints the bin directory on its last line.
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-MODULE_DIR="$REPO_DIR/tools/sidecars"
-CACHE_DIR="${CSI_CACHE_DIR:-$HOME/.cache/nodelocal-csi}"
-BIN_DIR="$CACHE_DIR/bin"
-STAMP_DIR="$CACHE_DIR/stamps"
-REQUIRE_ALL=0
-[ "${1:-}" = "--require-all" ] && REQUIRE_ALL=1
+MODULE_DIR="$ROOT/tools/sidecars"
+BIN_DIR="$CSI_CACHE_DIR/bin"
+STAMP_DIR="$CSI_CACHE_DIR/stamps"
+THIRD_PARTY_DIR="${CSI_THIRD_PARTY_DIR:-$(dirname "$ROOT")/shared/third_party}"
 mkdir -p "$BIN_DIR" "$STAMP_DIR"
 
-if ! command -v go >/dev/null 2>&1; then
-    if [ -x /usr/local/go/bin/go ]; then
-        PATH="/usr/local/go/bin:$PATH"
-    else
-        echo "install-sidecars: go is not installed" >&2
-        exit 1
-    fi
-fi
-export GOFLAGS="-mod=mod"
+command -v go >/dev/null 2>&1 || { echo "install-sidecars: go is not installed" >&2; exit 1; }
 export CGO_ENABLED=0
 
 # binary  main package  release (stamped into the binary's version, as the sidecars' releases do)
@@ -41,36 +32,104 @@ SIDECARS=(
     "snapshot-controller github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller v8.6.0"
 )
 
+# binary  release  source tarball in the third-party folder  main package (module-relative)
+NODE_SIDECARS=(
+    "csi-node-driver-registrar v2.17.0 node-driver-registrar-v2.17.0.tar.gz github.com/kubernetes-csi/node-driver-registrar cmd/csi-node-driver-registrar"
+    "livenessprobe v2.19.0 livenessprobe-v2.19.0.tar.gz github.com/kubernetes-csi/livenessprobe cmd/livenessprobe"
+)
+
 module_hash="$(cat "$MODULE_DIR/go.mod" "$MODULE_DIR/go.sum" | sha256sum | cut -d' ' -f1)"
 for entry in "${SIDECARS[@]}"; do
     read -r name package version <<<"$entry"
-    stamp="$STAMP_DIR/sidecar-$name"
     want="$package@$version $module_hash"
-    if [ -x "$BIN_DIR/$name" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    if stamp_matches "sidecar-$name" "$want" "$BIN_DIR/$name"; then
         echo "install-sidecars: $name $version already built"
         continue
     fi
     echo "install-sidecars: building $name $version"
-    rm -f "$stamp"
+    stamp_clear "sidecar-$name"
     (
         cd "$MODULE_DIR"
-        nice -n 10 go build -trimpath -ldflags "-s -w -X main.version=$version" \
+        GOFLAGS=-mod=mod nice -n 10 go build -trimpath -ldflags "-s -w -X main.version=$version" \
             -o "$BIN_DIR/$name.tmp" "$package"
     )
     mv "$BIN_DIR/$name.tmp" "$BIN_DIR/$name"
-    printf '%s\n' "$want" >"$stamp"
+    stamp_write "sidecar-$name" "$want"
 done
 
-missing=0
-for name in csi-node-driver-registrar livenessprobe; do
-    if [ -x "$BIN_DIR/$name" ]; then
-        echo "install-sidecars: $name present in $BIN_DIR"
-    else
-        echo "install-sidecars: $name is not in $BIN_DIR and cannot be built from the Go module proxy" >&2
-        missing=1
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# build_from_tarball NAME VERSION TARBALL PACKAGE: unpack the (verified) tarball and build
+# PACKAGE offline: its vendor folder, no proxy, the local toolchain.
+build_from_tarball() {
+    local name=$1 version=$2 tarball=$3 package=$4 src="$work/$1"
+    mkdir -p "$src"
+    tar -xzf "$THIRD_PARTY_DIR/$tarball" -C "$src"
+    (
+        cd "$src"
+        GOFLAGS=-mod=vendor GOPROXY=off GOTOOLCHAIN=local nice -n 10 go build -trimpath \
+            -ldflags "-s -w -X main.version=$version" -o "$BIN_DIR/$name.tmp" "./$package"
+    )
+    mv "$BIN_DIR/$name.tmp" "$BIN_DIR/$name"
+}
+
+# build_from_proxy NAME VERSION MODULE PACKAGE: `go install MODULE/PACKAGE@VERSION`; its error
+# output is left in $work/NAME.proxy.log for the failure message.
+build_from_proxy() {
+    local name=$1 version=$2 module=$3 package=$4 gobin="$work/gobin-$1"
+    mkdir -p "$gobin"
+    if ! GOBIN="$gobin" GOFLAGS=-mod=mod nice -n 10 go install -trimpath \
+        -ldflags "-s -w -X main.version=$version" "$module/$package@$version" \
+        >"$work/$name.proxy.log" 2>&1; then
+        return 1
     fi
+    mv "$gobin/$(basename "$package")" "$BIN_DIR/$name"
+}
+
+missing=()
+for entry in "${NODE_SIDECARS[@]}"; do
+    read -r name version tarball module package <<<"$entry"
+    if [ -f "$THIRD_PARTY_DIR/$tarball" ]; then
+        sum=$(awk -v f="$tarball" '$2 == f || $2 == "*" f {print $1}' "$THIRD_PARTY_DIR/SHA256SUMS" 2>/dev/null)
+        if [ -z "$sum" ]; then
+            echo "install-sidecars: $THIRD_PARTY_DIR/SHA256SUMS has no checksum for $tarball" >&2
+            exit 1
+        fi
+        if ! printf '%s  %s\n' "$sum" "$THIRD_PARTY_DIR/$tarball" | sha256sum --quiet -c - >&2; then
+            echo "install-sidecars: $THIRD_PARTY_DIR/$tarball does not match its SHA256SUMS entry" >&2
+            exit 1
+        fi
+        want="$version source $tarball sha256:$sum"
+        if stamp_matches "sidecar-$name" "$want" "$BIN_DIR/$name"; then
+            echo "install-sidecars: $name $version already built from $tarball"
+            continue
+        fi
+        echo "install-sidecars: building $name $version from $THIRD_PARTY_DIR/$tarball"
+        stamp_clear "sidecar-$name"
+        build_from_tarball "$name" "$version" "$tarball" "$package"
+        stamp_write "sidecar-$name" "$want"
+        continue
+    fi
+    # No source here: a binary of this release built earlier (from either source) will do.
+    if [ -x "$BIN_DIR/$name" ] && [[ "$(cat "$STAMP_DIR/sidecar-$name" 2>/dev/null)" == "$version "* ]]; then
+        echo "install-sidecars: $name $version already built ($(cat "$STAMP_DIR/sidecar-$name"))"
+        continue
+    fi
+    echo "install-sidecars: no $THIRD_PARTY_DIR/$tarball; trying the Go module proxy for $name $version"
+    stamp_clear "sidecar-$name"
+    if build_from_proxy "$name" "$version" "$module" "$package"; then
+        stamp_write "sidecar-$name" "$version proxy $module/$package@$version"
+        continue
+    fi
+    missing+=("$name $version: neither $THIRD_PARTY_DIR/$tarball (the upstream release source with its vendor folder) nor the Go module proxy ($module/$package@$version: $(tail -n 1 "$work/$name.proxy.log" | sed "s/^[[:space:]]*//"))")
 done
-if [ "$REQUIRE_ALL" -eq 1 ] && [ "$missing" -eq 1 ]; then
+
+if [ ${#missing[@]} -gt 0 ]; then
+    for m in "${missing[@]}"; do
+        echo "install-sidecars: cannot build $m" >&2
+    done
+    echo "install-sidecars: provide the source tarballs (see ../shared/third_party/README.md) or set CSI_THIRD_PARTY_DIR" >&2
     exit 1
 fi
 echo "$BIN_DIR"

@@ -27,3 +27,23 @@ apt_install() {
     say "apt-get install ${missing[*]}"
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
+
+# Build stamps: $CSI_CACHE_DIR/stamps/NAME holds one line describing the inputs of a cached
+# build (versions, checksums), so a script rebuilds exactly when an input changed.
+# stamp_matches NAME WANT [FILE...]: the stamp reads WANT and every FILE is executable.
+stamp_matches() {
+    local name=$1 want=$2 f
+    shift 2
+    for f in "$@"; do
+        [ -x "$f" ] || return 1
+    done
+    [ "$(cat "$CSI_CACHE_DIR/stamps/$name" 2>/dev/null)" = "$want" ]
+}
+
+# stamp_write NAME WANT: record a finished build. stamp_clear NAME: forget it (before a rebuild,
+# so an interrupted one is never taken for finished).
+stamp_write() {
+    mkdir -p "$CSI_CACHE_DIR/stamps"
+    printf '%s\n' "$2" >"$CSI_CACHE_DIR/stamps/$1"
+}
+stamp_clear() { rm -f "$CSI_CACHE_DIR/stamps/$1"; }

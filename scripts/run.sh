@@ -5,9 +5,10 @@
 "$ROOT/scripts/install-host-tools.sh"
 "$ROOT/scripts/install-python.sh"
 data=${CSI_DATA_DIR:-$ROOT/.data}
-mkdir -p "$data"
+mkdir -p "$data/kubelet"
 exec "$ROOT/.venv/bin/python" -m csi_driver \
     --mode standalone --backend hostpath \
     --hostpath-root "$data/hostpath" \
     --endpoint "unix://$data/csi.sock" \
+    --kubelet-dir "$data/kubelet" \
     "$@"

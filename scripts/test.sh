@@ -2,8 +2,6 @@
 # Installs what the tests need and runs every lane: static checks, host tests (unit,
 # integration, chart, csi-sanity), the real-kernel VM lane and the Kubernetes end-to-end lane.
 # CSI_TEST_LANES selects lanes (default: "static host vm e2e"); a failed lane fails the run.
-# tests/integration/test_plugin_registration.py needs the real csi-node-driver-registrar, which
-# the Go module proxy does not serve (see docs/deploy.md); run it with `make registration`.
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 lanes=${CSI_TEST_LANES:-static host vm e2e}
@@ -36,8 +34,7 @@ for lane in $lanes; do
             "$ROOT/scripts/install-chart-tools.sh" >/dev/null
             "$ROOT/scripts/install-sidecars.sh" >/dev/null
             run_lane host .venv/bin/pytest -p no:cacheprovider -q -rfE \
-                --junitxml="$results/host.xml" tests/unit tests/integration tests/chart tests/sanity \
-                --ignore=tests/integration/test_plugin_registration.py
+                --junitxml="$results/host.xml" tests/unit tests/integration tests/chart tests/sanity tests/adversarial
             ;;
         vm) run_lane vm "$ROOT/scripts/test-vm.sh" ;;
         e2e) run_lane e2e "$ROOT/scripts/test-e2e.sh" ;;

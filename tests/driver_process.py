@@ -92,6 +92,12 @@ class DriverProcess:
     extra_args: list[str] = field(default_factory=list)
     log_level: str = "debug"
     metrics_port: int = 0
+    #: extra environment of the driver (e.g. CSI_DRIVER_FAILPOINTS)
+    env: dict[str, str] = field(default_factory=dict)
+    #: argv prefix, e.g. a MountNamespace's enter() to run the driver in a private namespace
+    prefix: list[str] = field(default_factory=list)
+    #: how often readiness is polled while starting
+    poll_interval: float = 0.1
     process: subprocess.Popen[bytes] | None = None
     exits: list[int] = field(default_factory=list)  # exit codes of SIGTERM stops
 
@@ -119,6 +125,7 @@ class DriverProcess:
             ["--metrics-address", f"127.0.0.1:{self.metrics_port}"] if self.metrics_port else []
         )
         return [
+            *self.prefix,
             sys.executable,
             "-m",
             "csi_driver",
@@ -131,6 +138,8 @@ class DriverProcess:
             self.node_id,
             "--log-level",
             self.log_level,
+            "--kubelet-dir",
+            str(self.workdir),
             *metrics,
             *self.extra_args,
         ]
@@ -140,7 +149,12 @@ class DriverProcess:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+                self.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+                env={**os.environ, **self.env},
             )
         self._wait_until_serving()
 
@@ -198,10 +212,73 @@ class DriverProcess:
                         last = "Probe answered not ready"
                     except grpc.RpcError as exc:
                         last = f"Probe failed: {exc.code().name} {exc.details()}"
-            time.sleep(0.1)
+            time.sleep(self.poll_interval)
         raise DriverStartError(
             f"driver not serving after {START_TIMEOUT} s ({last}):\n" + self.log_tail()
         )
+
+
+def wait_for_exit(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """The exit status of a driver expected to die (a failpoint); SIGKILLs it after timeout."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=STOP_TIMEOUT)
+        raise
+
+
+class MountNamespace:
+    """A private mount namespace held open by a sleeping process, so that a driver (and its
+    restarts) can run in it through :meth:`enter` and nothing it mounts or unmounts reaches
+    the host. Closing it ends the holder: the namespace and every mount in it go away (loop
+    devices are global and are cleaned up by the caller)."""
+
+    def __init__(self) -> None:
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sleep", "infinity"],
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        own = os.readlink("/proc/self/ns/mnt")
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{self.holder.pid}/ns/mnt") != own:
+                    return
+            time.sleep(0.02)
+        self.close()
+        raise RuntimeError("unshare did not make a mount namespace")
+
+    def enter(self) -> list[str]:
+        return ["nsenter", f"--mount=/proc/{self.holder.pid}/ns/mnt", "--"]
+
+    def run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.enter(), *argv], capture_output=True, text=True, timeout=60, check=False
+        )
+
+    def mounts(self) -> list[tuple[str, str, str]]:
+        """(mount point, root, options) of every mount in the namespace."""
+        out = []
+        with open(f"/proc/{self.holder.pid}/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                out.append((_unescape(fields[4]), _unescape(fields[3]), fields[5]))
+        return out
+
+    def mounts_under(self, prefix: str) -> list[str]:
+        return [
+            m for m, _, _ in self.mounts() if m == prefix or m.startswith(prefix.rstrip("/") + "/")
+        ]
+
+    def path(self, path: str | Path) -> Path:
+        """``path`` as seen inside the namespace (through the holder's root)."""
+        return Path(f"/proc/{self.holder.pid}/root{path}")
+
+    def close(self) -> None:
+        if self.holder.poll() is None:
+            self.holder.kill()
+            self.holder.wait(timeout=30)
 
 
 # --- what a run may leave on the host ---------------------------------------------------------

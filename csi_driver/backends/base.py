@@ -88,6 +88,11 @@ class Backend(Protocol):
         """Make the volume usable on this node (activate an LV, attach a loop device) and say
         what to mount or bind. Idempotent."""
 
+    def locate(self, volume_id: str) -> Attachment | None:
+        """Where the volume is on this node now, attaching nothing: its directory (present or
+        not), or the device it is attached as; None when it is not attached. The node uses
+        it to recognise the volume's own mounts before it unmounts anything."""
+
     def detach(self, volume_id: str) -> None:
         """Undo :meth:`attach`; succeed when not attached or the volume is gone."""
 

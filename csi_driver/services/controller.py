@@ -36,7 +36,7 @@ from csi_driver.errors import (
 )
 from csi_driver.locks import KeyLocks
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
-from csi_driver.services import convert, pagination
+from csi_driver.services import convert, pagination, sizing
 from csi_driver.units import GiB
 
 log = logging.getLogger(__name__)
@@ -517,17 +517,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"volume {volume_id!r} is a {volume.access_type.value} volume, not"
                     f" {cap.access_type.value}"
                 )
-            if limit and volume.capacity_bytes > limit:
-                raise OutOfRange(
-                    f"volume {volume_id!r} already has {volume.capacity_bytes} bytes, more than"
-                    f" limit_bytes {limit}; volumes cannot shrink"
-                )
-            target = backend.round_size(required, volume.parameters) if required else 0
-            if limit and target > limit:
-                raise OutOfRange(
-                    f"the smallest size this backend can allocate for {required} bytes is"
-                    f" {target} bytes, above limit_bytes {limit}"
-                )
+            target = sizing.expansion_target(backend, volume, required, limit)
             if target > volume.capacity_bytes:
                 volume = backend.expand_volume(volume_id, target)
         # Always true, also when nothing grew: a retried call after a crash must still reach

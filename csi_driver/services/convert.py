@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable, Mapping
 
 from csi_driver import ids, model
+from csi_driver.bounded import echo
 from csi_driver.errors import InvalidArgument, OutOfRange
 from csi_driver.proto import csi_pb2
 
@@ -48,11 +49,12 @@ def require_abs_path(value: str, field: str) -> str:
     if len(value.encode("utf-8")) > MAX_PATH_BYTES:
         raise InvalidArgument(f"{field} is longer than {MAX_PATH_BYTES} bytes")
     if not value.startswith("/"):
-        raise InvalidArgument(f"{field} must be an absolute path, got {value!r}")
+        raise InvalidArgument(f"{field} must be an absolute path, got {echo(value)}")
     # normpath keeps a leading "//" (POSIX allows it a special meaning): reject it too.
     if os.path.normpath(value) != value or value.startswith("//"):
         raise InvalidArgument(
-            f"{field} must be a normalised path (no '..', '.', '//' or trailing '/'), got {value!r}"
+            f"{field} must be a normalised path (no '..', '.', '//' or trailing '/'),"
+            f" got {echo(value)}"
         )
     return value
 
@@ -85,7 +87,7 @@ def capability_from_pb(
         return model.Capability(model.AccessType.BLOCK, mode)
     fs_type = cap.mount.fs_type
     if "\x00" in fs_type or "," in fs_type or "/" in fs_type or len(fs_type) > 64:
-        raise InvalidArgument(f"{field}.mount.fs_type {fs_type!r} is not a filesystem name")
+        raise InvalidArgument(f"{field}.mount.fs_type {echo(fs_type)} is not a filesystem name")
     for flag in cap.mount.mount_flags:
         if not flag or "\x00" in flag or len(flag) > MAX_PATH_BYTES:
             raise InvalidArgument(f"{field}.mount.mount_flags has an empty or malformed flag")

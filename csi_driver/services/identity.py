@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import grpc
 
 from csi_driver import __version__
-from csi_driver.backends.base import Backend
 from csi_driver.config import Config
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 
@@ -18,9 +18,9 @@ _Expansion = csi_pb2.PluginCapability.VolumeExpansion
 
 
 class IdentityServicer(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
-    def __init__(self, config: Config, backend: Backend | None) -> None:
+    def __init__(self, config: Config, health: Callable[[], str | None]) -> None:
         self._config = config
-        self._backend = backend
+        self._health = health
 
     def GetPluginInfo(
         self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
@@ -49,7 +49,7 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
     def Probe(
         self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ProbeResponse:
-        reason = None if self._backend is None else self._backend.health()
+        reason = self._health()
         response = csi_pb2.ProbeResponse()
         response.ready.value = reason is None
         if reason is not None:

@@ -143,16 +143,17 @@ class Filesystems:
             raise FilesystemError(f"growing {fstype} on {device} failed: {exc}") from exc
 
     def block_device_size(self, device: str) -> int:
+        """The size of a block device, read in-process (the path may be a descriptor's name,
+        ``/proc/self/fd/N``, which a child process could not follow)."""
         self._require_block_device(device)
         try:
-            out = self._runner.run(
-                ["blockdev", "--getsize64", device], timeout=QUERY_TIMEOUT
-            ).stdout.strip()
-        except CommandError as exc:
-            raise FilesystemError(f"reading the size of {device} failed: {exc}") from exc
-        if not out.isdigit():
-            raise FilesystemError(f"blockdev printed {out!r} for the size of {device}")
-        return int(out)
+            fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise FilesystemError(f"reading the size of {device} failed: {exc.strerror}") from exc
 
     def is_read_only(self, device: str) -> bool:
         self._require_block_device(device)

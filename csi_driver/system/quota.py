@@ -34,7 +34,7 @@ MAX_PROJECT_ID = 2**32 - 2
 _FSXATTR = struct.Struct("=IIIII8x")
 _FS_IOC_FSGETXATTR = 0x801C581F  # _IOR('X', 31, struct fsxattr)
 _FS_XFLAG_PROJINHERIT = 0x00000200
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+:@-]*$")
+_SAFE_PATH = re.compile(r"\A/[A-Za-z0-9._/+:@-]*\Z")
 
 
 class QuotaError(Exception):

@@ -175,6 +175,8 @@ def run_sanity(run: SanityRun, env: Mapping[str, str]) -> Step:
         f"unix://{sock}",
         "--node-id",
         "vmnode",
+        "--kubelet-dir",
+        str(run.state),
         "--log-level",
         "DEBUG",
         # small, so the attach-limit spec runs (and quickly)

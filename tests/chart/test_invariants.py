@@ -476,7 +476,7 @@ def test_device_class_without_storage_class(chart_tools: ChartTools) -> None:
         "lvm": {
             "deviceClasses": [
                 {"name": "hidden", "volumeGroup": "vg1", "storageClass": {"create": False}},
-                {"name": "plain", "volumeGroup": "vg2"},
+                {"name": "plain", "volumeGroup": "vg2", "default": True},
             ]
         },
     }

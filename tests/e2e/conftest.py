@@ -23,7 +23,7 @@ import yaml
 from kubernetes import client
 
 from . import images
-from .cluster import NODE_NAME, Cluster, cache_dir, kubernetes_version
+from .cluster import NODE_NAME, Cluster, cache_dir
 from .kube import DRIVER_NAME, Kube, namespace, raw, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,12 +33,15 @@ DRIVER_TAG = "e2e"
 HOSTPATH_CAPACITY = 4 * 1024**3
 # How long every driver container must stay ready, unrestarted, after helm install.
 SETTLE_SECONDS = 15.0
-# Sidecars built by scripts/install-sidecars.sh (chart engineer's), imported under our names.
+# The chart's sidecars (values key: binary), built by scripts/install-sidecars.sh at the releases
+# the chart's image tags name, each imported as a one-binary image under our registry name.
 SIDECARS = {
+    "registrar": "csi-node-driver-registrar",
     "provisioner": "csi-provisioner",
     "attacher": "csi-attacher",
     "resizer": "csi-resizer",
     "snapshotter": "csi-snapshotter",
+    "livenessProbe": "livenessprobe",
 }
 SNAPSHOT_CRDS = (
     "snapshot.storage.k8s.io_volumesnapshotclasses.yaml",
@@ -51,32 +54,10 @@ def bin_dir() -> Path:
     return cache_dir() / "bin"
 
 
-def standin_dir() -> Path:
-    return cache_dir() / "kubernetes" / kubernetes_version() / "bin"
-
-
 def _require(path: Path, hint: str) -> Path:
     if not path.is_file():
         pytest.fail(f"{path} is missing: {hint}", pytrace=False)
     return path
-
-
-def _registrar_and_probe() -> tuple[Path, Path]:
-    """Our stand-ins (tools/kubernetes/cmd/registrar, .../livenessprobe) by default: the module
-    proxy does not serve the upstream node-driver-registrar and livenessprobe, so a fresh CI
-    machine only has these. CSI_E2E_UPSTREAM_NODE_SIDECARS=1 uses upstream binaries put into
-    $CSI_CACHE_DIR/bin by hand instead."""
-    if os.environ.get("CSI_E2E_UPSTREAM_NODE_SIDECARS") == "1":
-        hint = "CSI_E2E_UPSTREAM_NODE_SIDECARS=1 needs the upstream binary there"
-        return (
-            _require(bin_dir() / "csi-node-driver-registrar", hint),
-            _require(bin_dir() / "livenessprobe", hint),
-        )
-    hint = "run scripts/install-cluster.sh"
-    return (
-        _require(standin_dir() / "registrar", hint),
-        _require(standin_dir() / "livenessprobe", hint),
-    )
 
 
 def sidecar_image(key: str) -> str:
@@ -85,13 +66,10 @@ def sidecar_image(key: str) -> str:
 
 
 def _image_list() -> list[images.Image]:
-    reg, probe = _registrar_and_probe()
     result = [
         images.pause_image(),
         images.busybox_image(),
         images.driver_image(DRIVER_TAG),
-        images.binary_image(sidecar_image("registrar"), reg),
-        images.binary_image(sidecar_image("livenessProbe"), probe),
     ]
     for key, name in SIDECARS.items():
         binary = _require(bin_dir() / name, "run scripts/install-sidecars.sh")
@@ -221,17 +199,10 @@ def helm_values(cluster: Cluster, **overrides: Any) -> dict[str, Any]:
         # A fixed capacity makes the driver's accounting observable (CSIStorageCapacity).
         "hostpath": {"root": str(cluster.hostpath_root), "capacityBytes": HOSTPATH_CAPACITY},
         "provisioner": {"capacityPollInterval": "5s"},
-        "sidecars": {
-            key: {"image": sidecar_image(key)}
-            for key in (
-                "registrar",
-                "provisioner",
-                "attacher",
-                "resizer",
-                "snapshotter",
-                "livenessProbe",
-            )
-        }
+        # Quick enough for test_01_liveness to see a restart within a minute, slack enough
+        # for a busy machine (three failed probes in a row, each allowed 5 s).
+        "livenessProbe": {"periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 3},
+        "sidecars": {key: {"image": sidecar_image(key)} for key in SIDECARS}
         | {"pullPolicy": "Never"},
     }
     for key, value in overrides.items():

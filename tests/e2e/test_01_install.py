@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
 from .cluster import NODE_NAME
-from .conftest import DRIVER_NAMESPACE, HOSTPATH_CAPACITY, Release
+from .conftest import DRIVER_NAMESPACE, HOSTPATH_CAPACITY, ROOT, Release
 from .kube import DRIVER_NAME, STORAGE_CLASS, TOPOLOGY_KEY, Kube, quantity, raw, wait_until
 
 
@@ -45,6 +47,23 @@ def test_csinode_lists_driver(driver: Release) -> None:
     # The kubelet copies the driver's accessible topology onto the Node's labels.
     labels = raw(kube.core.read_node, NODE_NAME)["metadata"]["labels"]
     assert labels.get(TOPOLOGY_KEY) == NODE_NAME
+
+
+def test_registration_was_done_by_the_real_registrar(driver: Release) -> None:
+    """The registrar in the node pod is the upstream release the chart pins, and the kubelet
+    told it the registration succeeded (which is when the CSINode entry above appears)."""
+    kube = _kube(driver)
+    values = yaml.safe_load((ROOT / "charts" / "nodelocal-csi" / "values.yaml").read_text())
+    release = values["sidecars"]["registrar"]["image"].rpartition(":")[2]
+    (pod,) = kube.items(
+        kube.core.list_namespaced_pod,
+        DRIVER_NAMESPACE,
+        label_selector="app.kubernetes.io/component=node",
+    )
+    log = kube.logs(pod["metadata"]["name"], "node-driver-registrar")
+    assert f'version="{release}"' in log, log[-2000:]
+    assert "Received NotifyRegistrationStatus call" in log, log[-2000:]
+    assert 'status="plugin_registered:true"' in log, log[-2000:]
 
 
 def test_csidriver_object(driver: Release) -> None:

@@ -675,8 +675,8 @@ def test_kill_during_delete_volume(crasher: Crasher) -> None:
     typical = c.calibrate(calibration)
     c.check("after calibration")
 
-    # The restarted driver finishes interrupted deletions before it serves; it is killed
-    # inside that too, somewhere within its usual start-up time.
+    # The restarted driver finishes interrupted deletions in the background while it serves;
+    # it is killed inside that too, somewhere within its usual start-up time.
     startup = c.spread(statistics.median(c.start_seconds))
     for i, delay in enumerate(c.spread(typical)):
         block = i % 2 == 0

@@ -501,7 +501,13 @@ def test_a_mounted_volume_is_not_deleted(env: Env) -> None:
         run("umount", str(fs_mount))
     assert loops_of(env.data(b)) == [device]
     backend.delete_volume(d.id)
-    backend.delete_volume(b.id)  # attached but unused: detached and removed
+    # attached, nothing mounted: still staged on this node (a block volume's stage is its loop
+    # device), so still in use until the node detaches it
+    with pytest.raises(FailedPrecondition, match=f"staged on this node as {device}"):
+        backend.delete_volume(b.id)
+    assert loops_of(env.data(b)) == [device]
+    backend.detach(b.id)
+    backend.delete_volume(b.id)
     assert backend.list_volumes() == []
     assert not os.path.lexists(env.data(b))
 

@@ -13,20 +13,21 @@ import errno
 import os
 import stat
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
 from csi_driver import ids
 from csi_driver.proto import csi_pb2
+from csi_driver.system.confined import Jail
 from csi_driver.system.filesystem import FilesystemError, Filesystems
 from csi_driver.system.mounter import Mounter
 from csi_driver.system.runner import SubprocessRunner
 from tests.driver_process import Csi, DriverProcess, loops_under, mounts_under
 from tests.integration.conftest import NODE_ID
+from tests.requests import block_cap, mount_cap, rpc_code
 
 pytestmark = pytest.mark.root
 
@@ -36,32 +37,6 @@ EPHEMERAL = {"csi.storage.k8s.io/ephemeral": "true", "csi.storage.k8s.io/pod.nam
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def mount_cap(
-    mode: csi_pb2.VolumeCapability.AccessMode.Mode = MODE.SINGLE_NODE_WRITER,
-    fs_type: str = "",
-    flags: tuple[str, ...] = (),
-) -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        access_mode=MODE(mode=mode),
-        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
-    )
-
-
-def block_cap(
-    mode: csi_pb2.VolumeCapability.AccessMode.Mode = MODE.SINGLE_NODE_WRITER,
-) -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        access_mode=MODE(mode=mode), block=csi_pb2.VolumeCapability.BlockVolume()
-    )
-
-
-def rpc_code(call: Callable[[], Any]) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as exc:
-        call()
-    code: grpc.StatusCode = exc.value.code()
-    return code
 
 
 def mount_entry(path: str) -> tuple[str, str, str] | None:
@@ -315,7 +290,7 @@ def test_publish_refuses_a_symlinked_target(vols: Volumes, workdir: Path) -> Non
     elsewhere.mkdir()
     target = vols.target_path("symlinked")
     os.symlink(elsewhere, target)
-    assert rpc_code(lambda: vols.publish(vid, cap, target)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert rpc_code(lambda: vols.publish(vid, cap, target)) == grpc.StatusCode.INVALID_ARGUMENT
     vols.published.clear()
     assert not is_mount_point(str(elsewhere)) and os.path.islink(target)
     os.unlink(target)
@@ -434,8 +409,13 @@ def test_stats_of_a_mount_volume_and_condition_after_its_directory_is_removed(
     assert not reply.volume_condition.abnormal
     assert vols.stats(vid, staging).usage  # the staging path counts too
 
+    # the kubelet directory itself and relative paths are no volume paths at all
     assert rpc_code(lambda: vols.stats(vid, str(driver.workdir))) == grpc.StatusCode.NOT_FOUND
     assert rpc_code(lambda: vols.stats(vid, "relative/path")) == grpc.StatusCode.NOT_FOUND
+    assert (
+        rpc_code(lambda: vols.stats(vid, str(driver.workdir / "nothing")))
+        == grpc.StatusCode.NOT_FOUND
+    )
 
     # remove the hostpath directory behind the volume: the condition turns abnormal
     backing = find_backing_directory(driver.root, staging)
@@ -585,7 +565,7 @@ def test_format_mount_bind_grow_on_a_real_device(
 ) -> None:
     device, backing = loop_device
     runner = SubprocessRunner()
-    fs, mounter = Filesystems(runner), Mounter(runner)
+    fs, mounter = Filesystems(runner), Mounter()
     assert fs.probe(device) is None
     fs.format(device, fstype)
     sig = fs.probe(device)
@@ -593,15 +573,30 @@ def test_format_mount_bind_grow_on_a_real_device(
     with pytest.raises(FilesystemError, match="refusing to format"):
         fs.format(device, "ext4")
 
+    jail = Jail(str(workdir))
     mnt = str(workdir / "mnt")
-    mounter.make_dir_target(mnt)
-    mounter.mount(device, mnt, fstype, ["noatime"])
-    assert mounter.is_mount_point(mnt)
+    ro = str(workdir / "ro")
+
+    def mount_fs() -> None:
+        with jail.resolve(mnt) as where:
+            where.make_dir(0o750)
+            mounter.mount(device, where, fstype, ["noatime"])
+
+    def bind(src: str, dst: str, flags: list[str]) -> None:
+        with jail.resolve(dst) as where:
+            where.make_dir(0o750)
+            mounter.bind(src, where, flags)
+
+    def unmount(path: str) -> bool:
+        with jail.resolve(path) as where:
+            done = mounter.unmount(where, lambda m: True)
+            os.rmdir(path)
+            return done
+
+    mount_fs()
     entry = mounter.mount_at(mnt)
     assert entry is not None and entry.fs_type == fstype and "noatime" in entry.options
-    ro = str(workdir / "ro")
-    mounter.make_dir_target(ro)
-    mounter.bind(mnt, ro, read_only=True, options=["nodev"])
+    bind(mnt, ro, ["ro", "nodev"])
     entry = mounter.mount_at(ro)
     assert entry is not None and entry.read_only and "nodev" in entry.options
     assert entry.key == mounter.mount_at(mnt).key  # type: ignore[union-attr]
@@ -618,31 +613,25 @@ def test_format_mount_bind_grow_on_a_real_device(
     if fstype == "xfs":
         # xfs grows only while mounted, here through a writable bind mount of it
         rw = str(workdir / "rw")
-        mounter.make_dir_target(rw)
-        mounter.bind(mnt, rw)
+        bind(mnt, rw, [])
         fs.resize(device, rw, fstype)
         fs.resize(device, rw, fstype)  # again: a no-op
-        mounter.unmount(rw)
-        mounter.remove_target(rw)
+        assert unmount(rw)
     else:
         # Online ext4 growth needs CAP_SYS_RESOURCE, which this host's root lacks (EPERM);
         # resize2fs on the unmounted device exercises the same command.
-        mounter.unmount(ro)
-        mounter.unmount(mnt)
+        assert unmount(ro) and unmount(mnt)
         runner.run(["e2fsck", "-f", "-p", device], timeout=120)
         fs.resize(device, mnt, fstype)
         fs.resize(device, mnt, fstype)  # again: a no-op
-        mounter.mount(device, mnt, fstype)
-        mounter.bind(mnt, ro, read_only=True)
+        mount_fs()
+        bind(mnt, ro, ["ro"])
     after = fs.usage(mnt).total_bytes
     assert after > before + 250 * MiB
     assert Path(ro, "data").read_text() == "survives growth"
 
-    assert mounter.unmount(ro) is True
-    assert mounter.unmount(mnt) is True
-    assert mounter.unmount(mnt) is False
-    mounter.remove_target(ro)
-    mounter.remove_target(mnt)
+    assert unmount(ro) is True
+    assert unmount(mnt) is True
     assert not os.path.exists(mnt) and not os.path.exists(ro)
 
 
@@ -651,10 +640,12 @@ def test_device_read_only_flag_and_file_target(
 ) -> None:
     device, _ = loop_device
     runner = SubprocessRunner()
-    fs, mounter = Filesystems(runner), Mounter(runner)
+    fs, mounter = Filesystems(runner), Mounter()
+    jail = Jail(str(workdir))
     target = str(workdir / "pub" / "dev")
-    mounter.make_file_target(target)
-    mounter.bind(device, target)
+    with jail.resolve(target, create_parents=True) as where:
+        where.make_file(0o640)
+        mounter.bind(device, where, [])
     assert stat.S_ISBLK(os.stat(target).st_mode)
     assert mounter.key_of(os.path.realpath(device)) == mounter.mount_at(target).key  # type: ignore[union-attr]
     fs.set_read_only(device, True)
@@ -667,6 +658,6 @@ def test_device_read_only_flag_and_file_target(
         os.close(fd)
     fs.set_read_only(device, False)
     assert not fs.is_read_only(device)
-    mounter.unmount(target)
-    mounter.remove_target(target)
-    assert not os.path.exists(target)
+    with jail.resolve(target) as where:
+        assert mounter.unmount(where, lambda m: True)
+    os.unlink(target)

@@ -6,8 +6,10 @@ registration socket the registrar creates, asks GetInfo, dials the CSI endpoint 
 (NodeGetInfo, as the kubelet's CSI plugin does) and reports the outcome with
 NotifyRegistrationStatus.
 
-The registrar binary comes from ${CSI_CACHE_DIR:-~/.cache/nodelocal-csi}/bin (or
-$CSI_NODE_DRIVER_REGISTRAR); see scripts/install-sidecars.sh. Without it this test fails.
+The registrar is the release the chart deploys, built by scripts/install-sidecars.sh (from the
+upstream sources in ../shared/third_party, else the Go module proxy) into
+${CSI_CACHE_DIR:-~/.cache/nodelocal-csi}/bin; the test runs that script, which is idempotent.
+$CSI_NODE_DRIVER_REGISTRAR names another binary instead. Without one the test fails.
 """
 
 from __future__ import annotations
@@ -51,15 +53,39 @@ def registrar_binary() -> Path:
     return cache / "bin" / "csi-node-driver-registrar"
 
 
-def chart_registrar_args() -> list[str]:
-    """The registrar's arguments exactly as the chart renders them for the node DaemonSet."""
+@pytest.fixture(scope="module")
+def installed_registrar() -> Path:
+    """The registrar binary, built first when it is not given explicitly."""
+    if not os.environ.get("CSI_NODE_DRIVER_REGISTRAR"):
+        proc = subprocess.run(
+            ["bash", str(REPO / "scripts" / "install-sidecars.sh")],
+            capture_output=True,
+            text=True,
+            timeout=3000,
+            check=False,
+        )
+        assert proc.returncode == 0, f"install-sidecars.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    binary = registrar_binary()
+    assert binary.is_file() and os.access(binary, os.X_OK), (
+        f"csi-node-driver-registrar not found at {binary}: scripts/install-sidecars.sh builds it,"
+        " or set CSI_NODE_DRIVER_REGISTRAR"
+    )
+    return binary
+
+
+def chart_sidecar_args(container: str) -> list[str]:
+    """A node sidecar's arguments exactly as the chart renders them for the node DaemonSet."""
     for doc in yaml.safe_load_all(DEPLOY.read_text()):
         if doc and doc["kind"] == "DaemonSet":
             for c in doc["spec"]["template"]["spec"]["containers"]:
-                if c["name"] == "node-driver-registrar":
+                if c["name"] == container:
                     args: list[str] = c["args"]
                     return args
-    raise AssertionError(f"{DEPLOY} has no DaemonSet with a node-driver-registrar container")
+    raise AssertionError(f"{DEPLOY} has no DaemonSet with a {container} container")
+
+
+def chart_registrar_args() -> list[str]:
+    return chart_sidecar_args("node-driver-registrar")
 
 
 def replace_flag(args: list[str], name: str, value: str) -> list[str]:
@@ -84,11 +110,15 @@ class Proc:
         return f"--- {self.name} log ---\n{self.log.read_text(errors='replace')[-4000:]}"
 
 
-def start(name: str, argv: list[str], log: Path) -> Proc:
+def start(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
     handle = log.open("wb")
     try:
         popen = subprocess.Popen(
-            argv, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
         )
     finally:
         handle.close()
@@ -166,13 +196,8 @@ def short_tmp() -> Iterator[Path]:
 
 
 @pytest.fixture
-def setup(short_tmp: Path) -> Iterator[Setup]:
+def setup(short_tmp: Path, installed_registrar: Path) -> Iterator[Setup]:
     tmp_path = short_tmp
-    binary = registrar_binary()
-    assert binary.is_file() and os.access(binary, os.X_OK), (
-        f"csi-node-driver-registrar not found at {binary}: run scripts/install-sidecars.sh "
-        "(it explains where the binary comes from) or set CSI_NODE_DRIVER_REGISTRAR"
-    )
     plugin_dir = tmp_path / "plugins" / DEFAULT_DRIVER_NAME
     registry = tmp_path / "plugins_registry"
     data = tmp_path / "data"
@@ -199,6 +224,8 @@ def setup(short_tmp: Path) -> Iterator[Setup]:
                 "text",
             ],
             tmp_path / "driver.log",
+            # The temporary directory plays the kubelet's root (plugins/, plugins_registry/).
+            env={"CSI_DRIVER_KUBELET_DIR": str(tmp_path)},
         )
         procs.append(driver)
         wait_for("the driver's socket", lambda: is_socket(driver_socket), procs)
@@ -298,3 +325,37 @@ def test_failed_registration_restarts_the_registrar(setup: Setup) -> None:
     registrar.popen.wait(timeout=15)
     assert registrar.popen.returncode == 1, registrar.output()
     assert "CSINode update failed" in registrar.log.read_text(errors="replace")
+
+
+def test_livenessprobe_passes_on_the_drivers_probe(setup: Setup) -> None:
+    """The other node sidecar, as the chart runs it: its /healthz is the driver's CSI Probe, so
+    a driver whose hostpath root became unusable fails the kubelet's liveness probe, and passes
+    again once the root is whole (tests/e2e/test_01_liveness.py shows the kubelet's restart)."""
+    binary = registrar_binary().with_name("livenessprobe")
+    assert binary.is_file(), f"{binary} is missing: scripts/install-sidecars.sh builds it"
+    port = free_port()
+    args = chart_sidecar_args("liveness-probe")
+    args = replace_flag(args, "csi-address", str(setup.driver_socket))
+    args = replace_flag(args, "http-endpoint", f"127.0.0.1:{port}")
+    probe = start("livenessprobe", [str(binary), *args], setup.tmp / "livenessprobe.log")
+    setup.procs.append(probe)
+
+    def answers(code: int) -> Callable[[], bool]:
+        def check() -> bool:
+            try:
+                return healthz(port) == code
+            except urllib.error.URLError:
+                return False
+
+        return check
+
+    wait_for("/healthz 200", answers(200), setup.procs)
+    snapshots = setup.tmp / "data" / "snapshots"
+    moved = snapshots.with_name("snapshots.away")
+    snapshots.rename(moved)
+    try:
+        wait_for("/healthz 500 while the root is broken", answers(500), setup.procs)
+    finally:
+        moved.rename(snapshots)
+    wait_for("/healthz 200 again", answers(200), setup.procs)
+    assert "driver responded but is not ready" in probe.log.read_text(errors="replace").lower()

@@ -770,7 +770,7 @@ def test_list_snapshots(ctl: ControllerServicer) -> None:
 
 
 def test_identity(backend: FakeBackend) -> None:
-    ident = IdentityServicer(make_config(), backend)
+    ident = IdentityServicer(make_config(), backend.health)
     info = ident.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), CTX)
     assert info.name == "nodelocal.csi.dev" and info.vendor_version
     caps = ident.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest(), CTX)
@@ -787,7 +787,7 @@ def test_identity(backend: FakeBackend) -> None:
     assert ident.Probe(csi_pb2.ProbeRequest(), CTX).ready.value is True
     backend.unhealthy = "state database is not writable"
     assert ident.Probe(csi_pb2.ProbeRequest(), CTX).ready.value is False
-    controller = IdentityServicer(make_config(Mode.CONTROLLER), None)
+    controller = IdentityServicer(make_config(Mode.CONTROLLER), lambda: None)
     assert controller.Probe(csi_pb2.ProbeRequest(), CTX).ready.value is True
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from csi_driver.backends.hostpath.store import (
     VolumeRow,
 )
 from csi_driver.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -458,9 +460,87 @@ def test_a_delete_killed_half_way_is_finished_at_start(
     assert backend.get_volume(volume.id) is None  # already gone for the CO
 
     backend = open_backend()
-    assert backend._store.volume(local(volume.id)) is None
     assert backend._store.snapshot(local(snap.id)) is None
+    assert backend.wait_for_background(10)  # volume deletions finish in the background
+    assert backend._store.volume(local(volume.id)) is None
     assert storage(open_backend.root) == []
+    assert backend.capacity({}) == 64 * MiB
+
+
+def _interrupt_a_wiping_delete(
+    open_backend: _Opener, monkeypatch: pytest.MonkeyPatch, name: str
+) -> tuple[str, Path]:
+    """A wipeOnDelete volume with data whose DeleteVolume was killed inside the wipe."""
+    backend = open_backend()
+    volume = backend.create_volume(spec(name, 8 * MiB, parameters={"wipeOnDelete": "true"}))
+    data = open_backend.root / "volumes" / local(volume.id) / "data"
+    data.write_bytes(b"secret" * 1000)
+    monkeypatch.setattr(HostPathBackend, "_wipe", lambda *a: (_ for _ in ()).throw(Killed))
+    with pytest.raises(Killed):
+        backend.delete_volume(volume.id)
+    monkeypatch.undo()
+    return volume.id, data
+
+
+def test_an_interrupted_wipe_is_finished_in_the_background_and_its_retry_waits_for_it(
+    open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume_id, data = _interrupt_a_wiping_delete(open_backend, monkeypatch, "pvc-w")
+    wiping, release = threading.Event(), threading.Event()
+    wipe = HostPathBackend._wipe
+
+    def slow_wipe(path: Path, stop: threading.Event | None = None) -> None:
+        wiping.set()
+        assert release.wait(10)
+        wipe(path, stop)
+
+    monkeypatch.setattr(HostPathBackend, "_wipe", staticmethod(slow_wipe))
+    backend = open_backend()  # returns while the wipe still runs
+    assert wiping.wait(10)
+    assert backend.health() is None
+    # Until the storage is gone: its capacity stays counted, a retry of the deletion and a
+    # create of the same name answer ABORTED (in progress), the volume is gone for the CO.
+    assert backend.capacity({}) == 56 * MiB
+    with pytest.raises(Aborted, match="being deleted"):
+        backend.delete_volume(volume_id)
+    with pytest.raises(Aborted, match="being deleted"):
+        backend.create_volume(spec("pvc-w", 8 * MiB))
+    assert backend.get_volume(volume_id) is None and data.exists()
+    release.set()
+    assert backend.wait_for_background(10)
+    backend.delete_volume(volume_id)  # the retry, now OK
+    assert not data.parent.exists()
+    assert backend._store.volume(local(volume_id)) is None
+    assert backend.capacity({}) == 64 * MiB
+
+
+def test_a_backend_closed_during_a_background_wipe_leaves_it_to_the_next_start(
+    open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume_id, data = _interrupt_a_wiping_delete(open_backend, monkeypatch, "pvc-c")
+    wipe = HostPathBackend._wipe
+    wiping = threading.Event()
+
+    def wipe_until_stopped(path: Path, stop: threading.Event | None = None) -> None:
+        wiping.set()
+        assert stop is not None and stop.wait(10)
+        wipe(path, stop)
+
+    monkeypatch.setattr(HostPathBackend, "_wipe", staticmethod(wipe_until_stopped))
+    open_backend()
+    assert wiping.wait(10)
+    open_backend.close()  # stops the wipe at its next chunk
+    store = Store(open_backend.root / "state.db")
+    try:
+        row = store.volume(local(volume_id))
+        assert row is not None and row.state is State.DELETING
+    finally:
+        store.close()
+    assert data.read_bytes() == b"secret" * 1000
+    monkeypatch.undo()
+    backend = open_backend()
+    assert backend.wait_for_background(10)
+    assert backend._store.volume(local(volume_id)) is None and not data.parent.exists()
     assert backend.capacity({}) == 64 * MiB
 
 

@@ -7,6 +7,7 @@ failures; that lvm2 really does it is proven in the real-kernel VM lane (tests/v
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,15 @@ from csi_driver.backends.lvm.lvm2 import csi_error, parse_fullreport
 from csi_driver.config import LvmConfig
 from csi_driver.errors import CsiError
 from csi_driver.model import AccessType, ContentSource, SourceKind, VolumeSpec
-from csi_driver.system.runner import CommandError, CommandResult
+from csi_driver.system.runner import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    CancelToken,
+    CommandError,
+    CommandResult,
+    bound_to,
+    current_token,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -323,12 +332,26 @@ def test_fullreport_is_parsed_per_volume_group(lvm: FakeLvm) -> None:
         ),
         (CommandError(["lvcreate"], None, timed_out=True), grpc.StatusCode.DEADLINE_EXCEEDED),
         (CommandError(["lvcreate"], None, not_found=True), grpc.StatusCode.UNAVAILABLE),
+        (CommandError(["lvcreate"], None, cancelled=CANCELLED), grpc.StatusCode.CANCELLED),
+        (
+            CommandError(["lvcreate"], None, cancelled=DEADLINE_EXCEEDED),
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        ),
         (
             CommandError(["lvcreate"], 3, stderr="  Internal error: something odd"),
             grpc.StatusCode.INTERNAL,
         ),
     ],
-    ids=["no-space", "vg-missing", "in-use", "timeout", "no-lvm2", "other"],
+    ids=[
+        "no-space",
+        "vg-missing",
+        "in-use",
+        "timeout",
+        "no-lvm2",
+        "cancelled",
+        "deadline",
+        "other",
+    ],
 )
 def test_lvm2_failures_become_csi_codes(error: CommandError, expected: grpc.StatusCode) -> None:
     mapped = csi_error(error, "create logical volume vg0/v1")
@@ -543,6 +566,61 @@ def test_published_or_open_volume_is_not_deleted(backend: LvmBackend, lvm: FakeL
     backend.delete_volume(volume.id)  # again: nothing to do, not an error
     backend.delete_volume("v" + "0" * 32 + "@other-node")  # another node's: not ours, no call
     assert lvm.commands()[-1] == "fullreport"
+
+
+def test_a_bind_mounted_device_node_keeps_its_volume(
+    backend: LvmBackend, lvm: FakeLvm, tmp_path: Path
+) -> None:
+    """A published block volume is a bind mount of the LV's device node: it does not open the
+    device, so lvremove would not refuse; the mount table does."""
+    volume = backend.create_volume(spec(access_type=AccessType.BLOCK, fs_type=""))
+    name = volume.id.partition("@")[0]
+    device = tmp_path / "dm-7"  # stands for /dev/dm-7
+    device.touch()
+    lvm.lvs[name]["lv_path"] = str(device)
+    st = os.stat(device)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    target = "/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-1/" + "p" * 300
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        f"1 0 {dev} / / rw - ext4 /dev/vda rw\n2 1 {dev} {device} {target} rw - ext4 /dev/vda rw\n"
+    )
+    in_use = LvmBackend([THIN, THICK], NODE, lvm, udev_sync=False, mountinfo=str(mountinfo))
+    lvm.calls.clear()
+    with pytest.raises(CsiError) as exc:
+        in_use.delete_volume(volume.id)
+    assert code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "still in use, mounted at /var/lib/kubelet/plugins" in exc.value.message
+    assert len(exc.value.message) < 400  # the 350-character target is cut
+    assert "lvremove" not in lvm.commands() and name in lvm.lvs
+    mountinfo.write_text(f"1 0 {dev} / / rw - ext4 /dev/vda rw\n")  # unpublished
+    in_use.delete_volume(volume.id)
+    assert name not in lvm.lvs
+
+
+def test_a_wipe_once_begun_outlives_its_cancelled_request(
+    backend: LvmBackend, lvm: FakeLvm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed by the cancelled RPC, a long wipe would start again from nothing on every retry;
+    so the wipe and the removal after it are not bound to the RPC."""
+    volume = backend.create_volume(spec(parameters={"wipeOnDelete": "true"}))
+    seen: list[tuple[str, CancelToken | None]] = []
+    fake_run = lvm.run
+
+    def recording(argv: Sequence[str], **kw: Any) -> CommandResult:
+        seen.append((argv[0], current_token()))
+        return fake_run(argv, **kw)
+
+    monkeypatch.setattr(lvm, "run", recording)
+    token = CancelToken()
+    token.cancel()
+    with bound_to(token):
+        backend.delete_volume(volume.id)
+    assert [(program, t is None) for program, t in seen] == [
+        ("lvm", False),
+        ("blkdiscard", True),
+        ("lvremove", True),
+    ]
 
 
 def test_foreign_logical_volumes_are_invisible(backend: LvmBackend, lvm: FakeLvm) -> None:

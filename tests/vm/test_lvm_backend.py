@@ -33,6 +33,7 @@ from tests.driver_process import (
     free_port,
     mounts_under,
 )
+from tests.requests import rpc_code
 
 if os.environ.get("CSI_VM_LANE") != "1":
     pytest.skip("runs inside the real-kernel VM: scripts/test-vm.sh", allow_module_level=True)
@@ -126,7 +127,15 @@ def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LvmDriver]:
             }
         )
     )
-    d = LvmDriver(workdir, node_id=NODE, classes=classes, metrics_port=free_port())
+    # staging and target paths live in each test's own directory beside this one
+    kubelet_dir = os.path.realpath(tmp_path_factory.getbasetemp())
+    d = LvmDriver(
+        workdir,
+        node_id=NODE,
+        classes=classes,
+        metrics_port=free_port(),
+        extra_args=["--kubelet-dir", kubelet_dir],
+    )
     try:
         d.start()
         yield d
@@ -150,13 +159,6 @@ def cap(fs: str = "ext4", block: bool = False) -> csi_pb2.VolumeCapability:
     return csi_pb2.VolumeCapability(
         access_mode=mode, mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs)
     )
-
-
-def code_of(call: Callable[[], Any]) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as exc:
-        call()
-    code: grpc.StatusCode = exc.value.code()
-    return code
 
 
 @dataclass
@@ -480,7 +482,7 @@ def test_stage_never_reformats_a_volume_holding_another_filesystem(node: Node, c
     node.caps[volume.volume_id] = cap("ext4")
     staging = node.workdir / "staging-wrong"
     staging.mkdir()
-    code = code_of(
+    code = rpc_code(
         lambda: csi.node.NodeStageVolume(
             csi_pb2.NodeStageVolumeRequest(
                 volume_id=volume.volume_id,
@@ -501,9 +503,10 @@ def test_create_and_delete_are_idempotent(node: Node, csi: Csi) -> None:
     first = node.create("idem", 32 * MiB)
     again = node.create("idem", 32 * MiB)
     assert again.volume_id == first.volume_id and again.capacity_bytes == first.capacity_bytes
-    assert code_of(lambda: node.create("idem", 128 * MiB)) == grpc.StatusCode.ALREADY_EXISTS
+    assert rpc_code(lambda: node.create("idem", 128 * MiB)) == grpc.StatusCode.ALREADY_EXISTS
     assert (
-        code_of(lambda: node.create("idem", 32 * MiB, block=True)) == grpc.StatusCode.ALREADY_EXISTS
+        rpc_code(lambda: node.create("idem", 32 * MiB, block=True))
+        == grpc.StatusCode.ALREADY_EXISTS
     )
     assert [n for n in driver_lvs() if n == lv_of(first.volume_id)]
     node.delete(first.volume_id)
@@ -527,9 +530,9 @@ def test_capacity_follows_the_pool_and_refuses_too_much(node: Node, csi: Csi) ->
     assert capacity({}) == thin_before - 256 * MiB  # thin: promised, not written
     assert capacity({"deviceClass": "thick"}) == thick_before
     too_big = thin_before  # what is left is now less than this
-    assert code_of(lambda: node.create("cap-huge", too_big)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rpc_code(lambda: node.create("cap-huge", too_big)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert not [n for n, lv in lvs().items() if "nlc.name=cap-huge" in lv["lv_tags"]]
-    assert code_of(lambda: capacity({"deviceClass": "nope"})) == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_code(lambda: capacity({"deviceClass": "nope"})) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_restart_loses_nothing(node: Node, csi: Csi, driver: LvmDriver) -> None:

@@ -133,6 +133,9 @@ allowedTopologies:
 {{- if gt $defaults 1 }}
 {{- fail "lvm.deviceClasses: at most one device class may be marked default" }}
 {{- end }}
+{{- if and (gt (len .Values.lvm.deviceClasses) 1) (eq $defaults 0) }}
+{{- fail "lvm.deviceClasses: with several device classes, one must be marked default: true" }}
+{{- end }}
 {{- end }}
 {{- $defaultClasses := 0 }}
 {{- if and (eq .Values.backend "hostpath") .Values.hostpath.storageClass.create .Values.hostpath.storageClass.isDefault }}

@@ -17,10 +17,18 @@ Creating inserts a ``creating`` row, builds the storage and marks the row ``read
 of the same request finds the unfinished row and builds again from scratch (nothing of an
 unfinished volume was ever handed out). Deleting marks the row ``deleting``, removes the
 storage, then removes the row. At start the backend rolls back every ``creating`` row (the
-CO's retry creates the volume afresh), finishes every ``deleting`` row and
+CO's retry creates the volume afresh) and
 removes storage that no row describes (left by a kill between creating storage and writing
 its row, which cannot happen in this order, or by a kill inside a removal). A root whose
 database is missing but whose storage is not is refused: its volumes are not leftovers.
+Every ``deleting`` volume row is finished in a background thread instead, so that the driver
+serves at once however much data a ``wipeOnDelete`` has left to overwrite: until a row is
+gone its volume's capacity stays counted and a retry of its DeleteVolume answers ABORTED
+(deletion in progress); a kill in the middle leaves the row, and the next start goes on.
+A deletion, once its row says ``deleting``, runs to its end even when the RPC that asked for
+it is cancelled: a wipe redone from the start by every retry might never finish. Anything
+else a cancelled RPC leaves as a kill would: its commands are killed, no further one starts
+(a creation's row stays ``creating``), and the retry or the next start finishes the work.
 
 Sizes: a volume's size is accounted against the capacity (the configured one, else the size
 of the root's filesystem) and against the free space of the filesystem. A directory volume's
@@ -52,10 +60,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from csi_driver import ids
+from csi_driver import bounded, ids
 from csi_driver.backends import mutable
 from csi_driver.backends.hostpath.store import SnapshotRow, State, Store, VolumeRow
 from csi_driver.errors import (
+    Aborted,
     AlreadyExists,
     CsiError,
     FailedPrecondition,
@@ -88,7 +97,7 @@ from csi_driver.system.quota import (
     project_of,
     quotable_path,
 )
-from csi_driver.system.runner import CommandError, Runner
+from csi_driver.system.runner import CommandError, Runner, bound_to
 from csi_driver.units import round_up
 
 log = logging.getLogger(__name__)
@@ -116,8 +125,8 @@ VOLUME_DIR_MODE = 0o777
 PRIVATE_DIR_MODE = 0o700
 IMAGE_MODE = 0o600
 
-_VOLUME_LOCAL = re.compile(r"^v[0-9a-f]{32}$")
-_SNAPSHOT_LOCAL = re.compile(r"^s[0-9a-f]{32}$")
+_VOLUME_LOCAL = re.compile(r"\Av[0-9a-f]{32}\Z")
+_SNAPSHOT_LOCAL = re.compile(r"\As[0-9a-f]{32}\Z")
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,10 @@ class _Source:
     source: ContentSource
     data: Path  # the directory or image to copy from
     size_bytes: int
+
+
+class _Stopped(Exception):
+    """A background deletion ended early because the backend is closing."""
 
 
 @contextlib.contextmanager
@@ -186,6 +199,11 @@ class HostPathBackend:
         self._alloc = threading.Lock()
         self._volumes_dir = self.root / "volumes"
         self._snapshots_dir = self.root / "snapshots"
+        #: interrupted deletions the background thread still owns (local ids)
+        self._finishing: set[str] = set()
+        self._finishing_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._background: threading.Thread | None = None
         self._store = Store(self.root / "state.db")
         try:
             self._check_state_matches_storage()
@@ -198,13 +216,25 @@ class HostPathBackend:
             self._fs_type = mount.fs_type
             self._quota = self._project_quota(mount.mount_point, enforces_project_quota(mount))
             self._recover()
+            self._start_finishing_deletions()
         except BaseException:
             self._store.close()
             raise
 
     def close(self) -> None:
-        """Release the database (and the root, for another backend object)."""
+        """Release the database (and the root, for another backend object); a background
+        deletion stops at its next chunk and is finished by the next start."""
+        self._stopping.set()
+        if self._background is not None:
+            self._background.join()
         self._store.close()
+
+    def wait_for_background(self, timeout: float | None = None) -> bool:
+        """Wait until the interrupted deletions found at start are finished; False on timeout."""
+        if self._background is not None:
+            self._background.join(timeout)
+            return not self._background.is_alive()
+        return True
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -246,10 +276,8 @@ class HostPathBackend:
     def _recover(self) -> None:
         """Finish what a killed predecessor left half done; O(volumes), once per start."""
         # One volume that cannot be cleaned up must not keep the driver (and every other
-        # volume) down: it is logged and left for the next start or DeleteVolume.
-        for row in self._store.volumes(State.DELETING):
-            log.info("finishing an interrupted volume deletion", extra={"local": row.local_id})
-            self._logged(functools.partial(self._finish_volume_delete, row))
+        # volume) down: it is logged and left for the next start or DeleteVolume. Interrupted
+        # volume deletions are left to _start_finishing_deletions.
         for snap in self._store.snapshots(State.DELETING):
             log.info("finishing an interrupted snapshot deletion", extra={"local": snap.local_id})
             self._logged(functools.partial(self._finish_snapshot_delete, snap))
@@ -271,6 +299,56 @@ class HostPathBackend:
             for row in volumes.values():
                 if row.state is State.READY and row.access_type is AccessType.MOUNT:
                     self._ensure_quota(row)
+
+    def _start_finishing_deletions(self) -> None:
+        rows = self._store.volumes(State.DELETING)
+        if not rows:
+            return
+        self._finishing.update(row.local_id for row in rows)
+        self._background = threading.Thread(
+            target=self._finish_deletions,
+            args=([row.local_id for row in rows],),
+            name="hostpath-interrupted-deletions",
+            daemon=True,
+        )
+        self._background.start()
+
+    def _finish_deletions(self, locals_: list[str]) -> None:
+        for local in locals_:
+            try:
+                if self._stopping.is_set():
+                    return
+                with self._keys.hold(local):
+                    row = self._store.volume(local)
+                    if row is None or row.state is not State.DELETING:
+                        continue
+                    log.info("finishing an interrupted volume deletion", extra={"local": local})
+                    self._logged(functools.partial(self._finish_volume_delete, row, self._stopping))
+                    if self._store.volume(local) is None:
+                        log.info("finished an interrupted volume deletion", extra={"local": local})
+            except _Stopped:
+                log.info(
+                    "interrupted volume deletion left for the next start", extra={"local": local}
+                )
+                return
+            except Exception:
+                log.exception(
+                    "cannot finish an interrupted volume deletion; the next start or a retry"
+                    " of its DeleteVolume will",
+                    extra={"local": local},
+                )
+            finally:
+                with self._finishing_lock:
+                    self._finishing.discard(local)
+
+    def _refuse_while_finishing(self, local: str) -> None:
+        with self._finishing_lock:
+            busy = local in self._finishing
+        if busy:
+            raise Aborted(
+                f"volume {local}@{self._node} is being deleted: the driver is finishing a deletion"
+                " that a restart interrupted; retry later"
+            )
 
     def _sweep(self, directory: Path, grammar: re.Pattern[str], known: set[str]) -> None:
         for entry in os.scandir(directory):
@@ -511,6 +589,7 @@ class HostPathBackend:
             created_ns=time.time_ns(),
         )
         source_local = self._source_local(spec.content_source)
+        self._refuse_while_finishing(wanted.local_id)
         with self._keys.hold(wanted.local_id, source_local):
             row = self._store.volume(wanted.local_id)
             if row is not None:
@@ -524,7 +603,8 @@ class HostPathBackend:
                 if row.state is State.DELETING or differences:
                     # A volume being deleted, or an unfinished one nobody was ever given
                     # (the request changed since): clear it away and start afresh.
-                    self._finish_volume_delete(row)
+                    with bound_to(None):
+                        self._finish_volume_delete(row)
                     row = None
             source = self._check_source(spec.content_source, wanted)
             if row is None:
@@ -642,6 +722,7 @@ class HostPathBackend:
         local = self._local(volume_id, "v")
         if local is None:
             return
+        self._refuse_while_finishing(local)
         with self._keys.hold(local):
             row = self._store.volume(local)
             if row is None:
@@ -658,36 +739,47 @@ class HostPathBackend:
                     )
                 self._refuse_if_in_use(row)
                 self._store.set_volume_state(local, State.DELETING)
-            self._finish_volume_delete(row)
+            with bound_to(None):  # a deletion once begun is finished: see the module docstring
+                self._finish_volume_delete(row)
         log.info("deleted volume", extra={"volume_id": volume_id})
 
     def _refuse_if_in_use(self, row: VolumeRow) -> None:
         """Deleting a volume that is mounted somewhere would pull the data from under it."""
         path = self._volume_path(row.local_id)
+        attached: list[str] = []
         with _system_errors(f"find out whether volume {row.local_id} is in use"):
             if row.access_type is AccessType.MOUNT:
                 used = fsinfo.mounts_showing(path) if _is_real_dir(path) else []
             else:
                 image = self._image(row.local_id)
+                devices = self._loops.devices_for(image) if image else []
                 used = [
                     m
-                    for dev in (self._loops.devices_for(image) if image else [])
+                    for dev in devices
                     for m in fsinfo.mounts_of_device(dev.name) + fsinfo.mounts_showing(dev.name)
                 ]
-        if used:
+                # Block volumes are staged without a mount: the loop device attached for the
+                # stage is all that shows it (one on its way out, autoclear, is not).
+                attached = [dev.name for dev in devices if not dev.autoclear]
+        where = f"mounted at {bounded.listing(used)}" if used else ""
+        if not where and attached:
+            where = f"staged on this node as {bounded.listing(attached)}"
+        if where:
             raise FailedPrecondition(
-                f"volume {row.local_id}@{self._node} is still in use, mounted at {sorted(used)};"
-                " unstage and unpublish it first"
+                f"volume {row.local_id}@{self._node} is still in use, {where};"
+                " unpublish and unstage it first"
             )
 
-    def _finish_volume_delete(self, row: VolumeRow) -> None:
+    def _finish_volume_delete(self, row: VolumeRow, stop: threading.Event | None = None) -> None:
+        """Remove the storage, then the row. ``stop`` ends a wipe early (raising _Stopped), for a
+        closing backend."""
         path = self._volume_path(row.local_id)
         with _system_errors(f"delete volume {row.local_id}"):
             image = self._image(row.local_id)
             if image is not None:
                 self._loops.detach_all(image)
             if row.parameters.get(mutable.WIPE_ON_DELETE) == "true" and _is_real_dir(path):
-                self._wipe(path)
+                self._wipe(path, stop)
             fsinfo.remove_tree(self._runner, path)
             if self._quota is not None and row.project_id is not None:
                 try:
@@ -698,7 +790,7 @@ class HostPathBackend:
         self._store.delete_volume(row.local_id)
 
     @staticmethod
-    def _wipe(path: Path) -> None:
+    def _wipe(path: Path, stop: threading.Event | None = None) -> None:
         """Overwrite the data of every regular file under ``path`` with zeros, in place (only
         the extents that hold data: holes stay holes), and flush it to the disk. Symlinks are
         never followed: a link a pod left in its volume cannot point the wipe elsewhere."""
@@ -728,6 +820,8 @@ class HostPathBackend:
                                 break  # no data past offset
                             raise
                         while offset < hole:
+                            if stop is not None and stop.is_set():
+                                raise _Stopped
                             offset += os.pwrite(fd, zeros[: min(WIPE_CHUNK, hole - offset)], offset)
                     os.fsync(fd)
                 finally:
@@ -882,7 +976,8 @@ class HostPathBackend:
                 return
             if row.state is not State.DELETING:
                 self._store.set_snapshot_state(local, State.DELETING)
-            self._finish_snapshot_delete(row)
+            with bound_to(None):
+                self._finish_snapshot_delete(row)
         log.info("deleted snapshot", extra={"snapshot_id": snapshot_id})
 
     def _finish_snapshot_delete(self, row: SnapshotRow) -> None:
@@ -908,6 +1003,21 @@ class HostPathBackend:
             )
         with self._keys.hold(row.local_id), _system_errors(f"attach {image}"):
             return Attachment(AttachmentKind.BLOCK_DEVICE, self._loops.attach(image))
+
+    def locate(self, volume_id: str) -> Attachment | None:
+        local = self._local(volume_id, "v")
+        row = self._store.volume(local) if local else None
+        if row is None:
+            return None
+        if row.access_type is AccessType.MOUNT:
+            return Attachment(AttachmentKind.DIRECTORY, str(self._volume_path(row.local_id)))
+        image = self._image(row.local_id)
+        if image is None:
+            return None
+        with _system_errors(f"look up the loop device of {image}"):
+            devices = [d for d in self._loops.devices_for(image) if not d.autoclear]
+        # the same device attach() hands out (one being detached lazily is not it)
+        return Attachment(AttachmentKind.BLOCK_DEVICE, devices[0].name) if devices else None
 
     def detach(self, volume_id: str) -> None:
         local = self._local(volume_id, "v")

@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
-from csi_driver import ids
+from csi_driver import bounded, ids
 from csi_driver.backends import mutable
 from csi_driver.backends.lvm import tags as lvtags
 from csi_driver.backends.lvm.classes import (
@@ -70,7 +70,10 @@ from csi_driver.model import (
     VolumeSpec,
     frozen_map,
 )
-from csi_driver.system.runner import CommandError, Runner
+from csi_driver.system import fsinfo
+from csi_driver.system.fsinfo import FsInfoError
+from csi_driver.system.mounter import MOUNTINFO
+from csi_driver.system.runner import CommandError, Runner, bound_to
 from csi_driver.units import MiB, round_up
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,7 @@ class LvmBackend:
         runner: Runner,
         *,
         udev_sync: bool = True,
+        mountinfo: str = MOUNTINFO,
     ) -> None:
         if not ids.NODE_ID_RE.match(node_id):
             raise ValueError(f"node id {node_id!r} cannot be part of a volume id")
@@ -121,6 +125,7 @@ class LvmBackend:
         self._node = node_id
         self._runner = runner
         self._lvm = Lvm2(runner, udev_sync=udev_sync)
+        self._mountinfo = mountinfo
         self._keys = BlockingKeyLocks()
         self._alloc = threading.Lock()
         self._extents: dict[str, int] = {}
@@ -610,15 +615,39 @@ class LvmBackend:
                     f"volume {volume_id!r} is still published to {sorted(meta.published)};"
                     " unpublish it first"
                 )
-            if lv.open:
-                raise FailedPrecondition(
-                    f"volume {volume_id!r} ({lv.vg}/{lv.name}) is open, mounted or in use;"
-                    " unstage and unpublish it first"
-                )
-            if meta.parameters.get(mutable.WIPE_ON_DELETE) == "true":
-                self._wipe(lv)
-            self._lvm.remove(lv.vg, lv.name)
+            self._refuse_if_in_use(volume_id, lv)
+            # Once begun, a wipe runs to its end even if the RPC is cancelled: redone from the
+            # start by every retry, a long one might never finish.
+            with bound_to(None):
+                if meta.parameters.get(mutable.WIPE_ON_DELETE) == "true":
+                    self._wipe(lv)
+                self._lvm.remove(lv.vg, lv.name)
         log.info("deleted volume", extra={"volume_id": volume_id})
+
+    def _refuse_if_in_use(self, volume_id: str, lv: LogicalVolume) -> None:
+        """An LV that is open, mounted, or whose device node is bind-mounted somewhere (a
+        published block volume: a bind mount does not open the device, so lvremove would not
+        refuse it) is still in use on this node; deleting it would pull it from under a pod."""
+        device = self._device(lv) if lv.active else ""
+        used: list[str] = []
+        if device and os.path.exists(device):
+            try:
+                used = fsinfo.mounts_of_device(device, self._mountinfo)
+                used += fsinfo.mounts_showing(device, self._mountinfo)
+            except FsInfoError as exc:
+                raise Internal(
+                    f"cannot find out whether volume {volume_id!r} is in use: {exc}"
+                ) from exc
+        if used:
+            raise FailedPrecondition(
+                f"volume {volume_id!r} ({lv.vg}/{lv.name}) is still in use, mounted at"
+                f" {bounded.listing(sorted(set(used)))}; unpublish and unstage it first"
+            )
+        if lv.open:
+            raise FailedPrecondition(
+                f"volume {volume_id!r} ({lv.vg}/{lv.name}) is open, mounted or in use;"
+                " unpublish and unstage it first"
+            )
 
     def _wipe(self, lv: LogicalVolume) -> None:
         """Discard a thin LV (its blocks go back to the pool and read as zeros) or zero a thick
@@ -781,6 +810,11 @@ class LvmBackend:
                     " nodes: activation/udev_rules = 0 in lvm.conf)"
                 )
             return Attachment(AttachmentKind.BLOCK_DEVICE, device)
+
+    def locate(self, volume_id: str) -> Attachment | None:
+        with self._keys.hold(self._volume_local(volume_id)):
+            lv, _ = self._found_volume(self._report(), volume_id)
+        return Attachment(AttachmentKind.BLOCK_DEVICE, self._device(lv)) if lv.active else None
 
     def detach(self, volume_id: str) -> None:
         """LVs stay active between stages (activation is cheap to keep, slow to repeat)."""

@@ -29,7 +29,7 @@ LV_TYPES = ("linear", "striped", "raid1", "thin")
 MIN_STRIPE_BYTES = 4 * KiB
 MAX_STRIPES = 128
 MAX_MIRRORS = 4
-_CLASS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
+_CLASS_NAME = re.compile(r"\A[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?\Z")
 _KEYS = {
     "name",
     "volumeGroup",

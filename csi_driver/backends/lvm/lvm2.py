@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import grpc
+
 from csi_driver.errors import (
     AlreadyExists,
     CsiError,
@@ -25,7 +27,7 @@ from csi_driver.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from csi_driver.system.runner import CommandError, Runner
+from csi_driver.system.runner import DEADLINE_EXCEEDED, CommandError, Runner
 
 #: lvm2 metadata commits can wait on locks held by other lvm2 commands on a busy node
 CHANGE_TIMEOUT = 120.0
@@ -47,9 +49,9 @@ _LV_FIELDS = (
 )
 
 #: lvm2 object names: what lvcreate accepts and nothing that could be read as an option or path
-_NAME = re.compile(r"^[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}$")
+_NAME = re.compile(r"\A[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}\Z")
 #: LV tags: lvm2 accepts these characters (lvm(8), "Tags")
-TAG = re.compile(r"^[A-Za-z0-9_+.\-/=!:&#]{1,1024}$")
+TAG = re.compile(r"\A[A-Za-z0-9_+.\-/=!:&#]{1,1024}\Z")
 
 
 def check_name(value: str, what: str) -> str:
@@ -169,6 +171,14 @@ def csi_error(exc: CommandError, what: str) -> CsiError:
     """The CSI error for a failed lvm2 command; ``what`` says what was being done."""
     detail = " ".join(line.strip() for line in exc.stderr.strip().splitlines()[-3:])
     lower = exc.stderr.lower()
+    if exc.cancelled:
+        # the RPC was called off: the command was killed, as a kill of the driver would
+        code = (
+            grpc.StatusCode.DEADLINE_EXCEEDED
+            if exc.cancelled == DEADLINE_EXCEEDED
+            else grpc.StatusCode.CANCELLED
+        )
+        return CsiError(f"cannot {what}: {exc}; retry it", code)
     if exc.timed_out:
         return DeadlineExceeded(
             f"cannot {what}: {exc.argv[0]} did not finish in time; the operation may still"

@@ -32,9 +32,9 @@ from csi_driver.model import AccessType, ContentSource, SourceKind
 OWNER = "nodelocal-csi"
 PREFIX = "nlc."
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_+.\-]{1,200}$")
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_+.\-]{1,200}$")
-_LOCAL = re.compile(r"^[vs][0-9a-f]{32}$")
+_SAFE_NAME = re.compile(r"\A[A-Za-z0-9_+.\-]{1,200}\Z")
+_SAFE_VALUE = re.compile(r"\A[A-Za-z0-9_+.\-]{1,200}\Z")
+_LOCAL = re.compile(r"\A[vs][0-9a-f]{32}\Z")
 
 
 def is_local_id(name: str) -> bool:

@@ -1,0 +1,42 @@
+"""The node plugin's metrics listener binds to the Pod's own address unless asked otherwise,
+and the driver accepts the address the kubelet makes of ``$(POD_IP):PORT``."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from csi_driver.metrics import parse_address
+from tests.chart.chartlib import ChartTools, Obj, Rendered, container, env_field_ref, flags, parse
+from tests.chart.chartlib import render_text as render
+
+
+def _metrics_address(tools: ChartTools, values: dict[str, object]) -> tuple[str, Obj]:
+    rendered = Rendered(parse(render(tools, values)))
+    driver = container(rendered.daemonset, "driver")
+    return flags(driver)["metrics-address"], driver
+
+
+def test_metrics_bind_to_the_pod_ip_by_default(chart_tools: ChartTools) -> None:
+    address, driver = _metrics_address(chart_tools, {})
+    match = re.fullmatch(r"\$\((\w+)\):(\d+)", address)
+    assert match, f"--metrics-address={address} is not $(VAR):PORT"
+    assert env_field_ref(driver, match.group(1)) == "status.podIP"
+    ports = {p["name"]: p["containerPort"] for p in driver["ports"]}
+    assert ports["metrics"] == int(match.group(2))
+
+
+def test_metrics_bind_all_addresses_when_asked(chart_tools: ChartTools) -> None:
+    address, _ = _metrics_address(chart_tools, {"node": {"metricsBindAll": True}})
+    assert address.startswith("0.0.0.0:")
+
+
+def test_metrics_bind_all_must_be_a_boolean(chart_tools: ChartTools) -> None:
+    with pytest.raises(AssertionError, match="metricsBindAll"):
+        render(chart_tools, {"node": {"metricsBindAll": "yes"}})
+
+
+@pytest.mark.parametrize("pod_ip", ["10.244.1.7", "fd00:10:244::7"])
+def test_the_driver_accepts_the_expanded_address(pod_ip: str) -> None:
+    assert parse_address(f"{pod_ip}:9810") == (pod_ip, 9810)

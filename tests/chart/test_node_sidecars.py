@@ -1,0 +1,114 @@
+"""The node-driver-registrar and livenessprobe the chart deploys are the ones the tests run.
+
+scripts/install-sidecars.sh builds both from their upstream release sources (or the module
+proxy); the registration test and the e2e cluster run those binaries. These tests keep the
+chart's image tags, the script's pinned releases and the source tarballs' names in step, and
+check that the driver's liveness probe really goes through the livenessprobe sidecar.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from tests.chart.chartlib import (
+    REPO,
+    ChartTools,
+    Obj,
+    Rendered,
+    container,
+    flags,
+    parse,
+    render_text,
+)
+
+SCRIPT = REPO / "scripts" / "install-sidecars.sh"
+# chart container -> (image repository, the script's binary and tarball prefix)
+NODE_SIDECARS = {
+    "node-driver-registrar": ("csi-node-driver-registrar", "node-driver-registrar"),
+    "liveness-probe": ("livenessprobe", "livenessprobe"),
+}
+
+
+def _script_releases() -> dict[str, tuple[str, str]]:
+    """binary -> (release, tarball) from the script's NODE_SIDECARS table."""
+    table = re.search(r"NODE_SIDECARS=\(\n(.*?)\n\)", SCRIPT.read_text(), re.S)
+    assert table, f"{SCRIPT} has no NODE_SIDECARS table"
+    out = {}
+    for line in table.group(1).splitlines():
+        binary, release, tarball, *_ = line.strip().strip('"').split()
+        out[binary] = (release, tarball)
+    return out
+
+
+def _image_tag(image: str) -> str:
+    return image.rpartition(":")[2]
+
+
+def test_node_sidecar_images_are_the_releases_we_build(chart_tools: ChartTools) -> None:
+    rendered = Rendered(parse(render_text(chart_tools, {})))
+    built = _script_releases()
+    for name, (binary, prefix) in NODE_SIDECARS.items():
+        image = container(rendered.daemonset, name)["image"]
+        assert image.startswith(f"registry.k8s.io/sig-storage/{binary}:"), image
+        release, tarball = built[binary]
+        assert _image_tag(image) == release, f"{name}: chart {image}, script builds {release}"
+        assert tarball == f"{prefix}-{release}.tar.gz"
+    liveness = container(rendered.deployment, "liveness-probe")["image"]
+    assert _image_tag(liveness) == built["livenessprobe"][0]
+
+
+def _probe_port(workload: Obj, port: Any) -> int:
+    """The container port a probe's httpGet names (by number or by the driver's port name)."""
+    if isinstance(port, int):
+        return port
+    ports = {p["name"]: p["containerPort"] for p in container(workload, "driver")["ports"]}
+    return int(ports[port])
+
+
+@pytest.mark.parametrize("workload_kind", ["DaemonSet", "Deployment"])
+def test_driver_liveness_probe_asks_the_livenessprobe_sidecar(
+    chart_tools: ChartTools, workload_kind: str
+) -> None:
+    """The kubelet probes the driver through the sidecar's /healthz, which runs a CSI Probe."""
+    values = {
+        "livenessProbe": {
+            "initialDelaySeconds": 3,
+            "periodSeconds": 4,
+            "timeoutSeconds": 2,
+            "failureThreshold": 6,
+        },
+        "node": {"healthPort": 9901},
+        "controller": {"healthPort": 9902},
+    }
+    workload = Rendered(parse(render_text(chart_tools, values))).one(workload_kind)
+    probe = container(workload, "driver")["livenessProbe"]
+    assert probe["httpGet"]["path"] == "/healthz"
+    sidecar_flags = flags(container(workload, "liveness-probe"))
+    endpoint = sidecar_flags["http-endpoint"]
+    assert endpoint.rpartition(":")[0] in ("", "0.0.0.0"), endpoint
+    port = _probe_port(workload, probe["httpGet"]["port"])
+    assert port == int(endpoint.rpartition(":")[2])
+    assert port == (9901 if workload_kind == "DaemonSet" else 9902)
+    # The sidecar probes the socket the driver serves.
+    driver_endpoint = flags(container(workload, "driver"))["endpoint"]
+    assert driver_endpoint == f"unix://{sidecar_flags['csi-address']}"
+    timing = {k: probe[k] for k in values["livenessProbe"]}
+    assert timing == values["livenessProbe"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"periodSeconds": 0},
+        {"failureThreshold": "3"},
+        {"timeoutSeconds": 1.5},
+        {"initialDelaySeconds": -1},
+        {"successThreshold": 1},
+    ],
+)
+def test_liveness_probe_values_are_checked(chart_tools: ChartTools, bad: dict[str, Any]) -> None:
+    with pytest.raises(AssertionError, match="values don't meet the specifications"):
+        render_text(chart_tools, {"livenessProbe": bad})
