@@ -313,6 +313,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 f"staging_target_path {staging.path} has something mounted, but block volume"
                 f" {volume.id!r} is staged without a mount; unstage it first"
             )
+        # a block volume's staging path stays an empty directory: anything else is not ours
+        self._refuse_hiding(staging)
         self._clear_stale_read_only(attachment.path)
 
     def _clear_stale_read_only(self, device: str) -> None:
@@ -460,7 +462,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise InvalidArgument("target_path must differ from staging_target_path")
         staged = self._mounter.mount_at(staging.path)
         key = self._source_key(attachment)
-        if staged is None or not staged.shows(key):
+        if staged is None or not staged.shows(key) or self._mounter.mounts_below(staging.path):
             raise FailedPrecondition(
                 f"volume {volume.id!r} is not staged at {staging.path}; call NodeStageVolume first"
             )
@@ -550,7 +552,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if target.path == staging.path:
             raise InvalidArgument("target_path must differ from staging_target_path")
         st = staging.lstat()
-        if st is None or not stat.S_ISDIR(st.st_mode):
+        if (
+            st is None
+            or not stat.S_ISDIR(st.st_mode)
+            or not staging.is_empty()
+            or self._mounter.mounts_below(staging.path)
+        ):
             raise FailedPrecondition(
                 f"volume {volume.id!r} is not staged at {staging.path}; call NodeStageVolume first"
             )
