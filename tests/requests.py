@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -16,7 +16,7 @@ MODE = csi_pb2.VolumeCapability.AccessMode
 def mount_cap(
     mode: csi_pb2.VolumeCapability.AccessMode.Mode = MODE.SINGLE_NODE_WRITER,
     fs_type: str = "",
-    flags: tuple[str, ...] = (),
+    flags: Sequence[str] = (),
 ) -> csi_pb2.VolumeCapability:
     return csi_pb2.VolumeCapability(
         access_mode=MODE(mode=mode),

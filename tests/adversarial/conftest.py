@@ -49,6 +49,7 @@ from tests.driver_process import (
     clean_up_host,
     loops_under,
 )
+from tests.requests import block_cap, mount_cap
 
 NODE_ID = "adv-node"
 FIXED_SEED = 20261130
@@ -277,22 +278,6 @@ def running(driver: Driver) -> Iterator[Driver]:
 # --- requests everyone builds --------------------------------------------------------------------
 
 MODE = csi_pb2.VolumeCapability.AccessMode
-
-
-def mount_cap(
-    mode: int = MODE.SINGLE_NODE_WRITER, flags: tuple[str, ...] = ()
-) -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        access_mode=MODE(mode=mode),  # type: ignore[arg-type]
-        mount=csi_pb2.VolumeCapability.MountVolume(mount_flags=list(flags)),
-    )
-
-
-def block_cap(mode: int = MODE.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        access_mode=MODE(mode=mode),  # type: ignore[arg-type]
-        block=csi_pb2.VolumeCapability.BlockVolume(),
-    )
 
 
 def cap_for(block: bool, mode: int = MODE.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:

@@ -20,19 +20,13 @@ import pytest
 
 from csi_driver.proto import csi_pb2
 from tests.driver_process import Csi, DriverProcess, csi_stubs, free_port
+from tests.requests import mount_cap
 
 pytestmark = pytest.mark.root
 
 MiB = 1 << 20
 FILES = 60_000
 MODE = csi_pb2.VolumeCapability.AccessMode
-
-
-def mount_cap() -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        access_mode=MODE(mode=MODE.SINGLE_NODE_WRITER),
-        mount=csi_pb2.VolumeCapability.MountVolume(),
-    )
 
 
 def create_request(name: str, source: str = "") -> csi_pb2.CreateVolumeRequest:

@@ -49,6 +49,7 @@ from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from tests.driver_process import REPO as REPO_ROOT
 from tests.driver_process import DriverProcess, loops_under, mounts_under
 from tests.integration.conftest import NODE_ID
+from tests.requests import block_cap, mount_cap
 
 pytestmark = pytest.mark.root
 
@@ -68,20 +69,6 @@ RPC_TIMEOUT = 60.0
 RETRIES = 20
 MODE = csi_pb2.VolumeCapability.AccessMode
 _LOCAL_ID = re.compile(r"[vs][0-9a-f]{32}")
-
-
-def mount_cap() -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        access_mode=MODE(mode=MODE.SINGLE_NODE_WRITER),
-        mount=csi_pb2.VolumeCapability.MountVolume(),
-    )
-
-
-def block_cap() -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        access_mode=MODE(mode=MODE.SINGLE_NODE_WRITER),
-        block=csi_pb2.VolumeCapability.BlockVolume(),
-    )
 
 
 def cap_for(block: bool) -> csi_pb2.VolumeCapability:

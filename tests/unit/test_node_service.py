@@ -25,6 +25,7 @@ from csi_driver.system.filesystem import Filesystems, Signature
 from csi_driver.system.mountcalls import Attributes, MountCalls
 from csi_driver.system.mounter import Mounter
 from csi_driver.system.runner import DEFAULT_TIMEOUT, CommandResult
+from tests.requests import block_cap, mount_cap
 
 NODE = "node-1"
 #: the servicer never uses its context; the interceptor owns statuses
@@ -199,25 +200,6 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
     return Env(tmp_path)
-
-
-def mount_cap(
-    mode: csi_pb2.VolumeCapability.AccessMode.Mode = MODE.SINGLE_NODE_WRITER,
-    fs_type: str = "",
-    flags: Sequence[str] = (),
-) -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        access_mode=MODE(mode=mode),
-        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
-    )
-
-
-def block_cap(
-    mode: csi_pb2.VolumeCapability.AccessMode.Mode = MODE.SINGLE_NODE_WRITER,
-) -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        access_mode=MODE(mode=mode), block=csi_pb2.VolumeCapability.BlockVolume()
-    )
 
 
 def code_of(call: Any) -> grpc.StatusCode:
