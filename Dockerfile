@@ -6,6 +6,10 @@
 #
 #   docker build -t nodelocal-csi/csi-driver:0.1.0 .
 #   docker build --build-arg BASE_IMAGE=python:3.11-slim-bookworm@sha256:<digest> ...   # pin a digest
+#   make image    # no Docker: buildah builds this file into dist/csi-driver-<version>.oci.tar
+#
+# The e2e lane runs the image this file builds (scripts/build-image.sh, with a local Debian
+# bookworm + python3.11 base as BASE_IMAGE, since no registry is reachable there).
 #
 # Both stages use the same base so the wheels built in the first stage match the interpreter
 # (and libc) of the second.

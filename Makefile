@@ -1,5 +1,5 @@
 # Entry points. `make run` and `make test` work on a fresh Debian 12 machine (as root).
-.PHONY: run test lint unit sanity vm e2e proto deploy bench registration clean
+.PHONY: run test lint unit sanity vm e2e image proto deploy bench registration clean
 
 run:  ## install what is needed and run the driver on its embedded default
 	scripts/run.sh
@@ -21,6 +21,11 @@ vm:
 
 e2e:
 	scripts/install-python.sh && scripts/test-e2e.sh
+
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
+
+image:  ## the driver image built from the Dockerfile without Docker (buildah), as an OCI archive
+	scripts/build-image.sh --out dist/csi-driver-$(VERSION).oci.tar
 
 proto:
 	scripts/gen-proto.sh

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from csi_driver import __version__
 from csi_driver.backends import build_backend
@@ -18,7 +20,15 @@ from csi_driver.proto import csi_pb2_grpc
 from csi_driver.server import Registration, Server
 from csi_driver.system.runner import SubprocessRunner
 
+if TYPE_CHECKING:
+    from csi_driver.services.peer import Forwarder
+
 log = logging.getLogger(__name__)
+
+
+class StartError(Exception):
+    """The configuration cannot be served (a file it names is unreadable, ...): reported in
+    one line and the process exits 2, as for a usage error."""
 
 
 @dataclass
@@ -28,6 +38,8 @@ class Driver:
     backend: Backend | None
     metrics: Metrics
     metrics_server: MetricsServer | None
+    #: node mode with the peer channel: ControllerModifyVolume from the controller (TLS, TCP)
+    peer_server: Server | None = None
     #: what else must be well for this process to serve (the node's mount table, ...)
     checks: list[Callable[[], str | None]] = field(default_factory=list)
 
@@ -42,11 +54,22 @@ class Driver:
 
     def start(self) -> None:
         self.server.start()
+        if self.peer_server is not None:
+            try:
+                self.peer_server.start()
+            except RuntimeError as exc:  # grpc cannot bind the address
+                self.server.stop()
+                raise StartError(f"the peer channel: {exc}") from exc
         if self.metrics_server is not None:
             self.metrics_server.start()
 
     def stop(self) -> None:
         self.server.stop()
+        self.stop_side_servers()
+
+    def stop_side_servers(self) -> None:
+        if self.peer_server is not None:
+            self.peer_server.stop()
         if self.metrics_server is not None:
             self.metrics_server.stop()
 
@@ -62,7 +85,7 @@ def build(config: Config) -> Driver:
 
     checks: list[Callable[[], str | None]] = []
     identity = IdentityServicer(config, lambda: driver.health())
-    controller = ControllerServicer(config, backend, locks)
+    controller = ControllerServicer(config, backend, locks, _forwarder(config))
     registrations: list[Registration] = [
         lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
         lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
@@ -88,10 +111,47 @@ def build(config: Config) -> Driver:
         [ErrorAndLogInterceptor(metrics)],
         grace_period=config.grace_period,
     )
-    driver = Driver(config, server, backend, metrics, None, checks)
+    driver = Driver(config, server, backend, metrics, None, checks=checks)
+    if config.peer is not None and config.peer.listen:
+        from csi_driver.config import Endpoint
+        from csi_driver.services.peer import PEER_LIMITS, PeerControllerServicer, server_credentials
+
+        peer = PeerControllerServicer(controller, config.node_id)
+        try:
+            credentials = server_credentials(config.peer.tls_dir)
+        except ValueError as exc:
+            raise StartError(f"the peer channel (--peer-*): {exc}") from exc
+        driver.peer_server = Server(
+            Endpoint("tcp", config.peer.listen),
+            [lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(peer, s)],
+            [ErrorAndLogInterceptor(metrics)],
+            grace_period=config.grace_period,
+            max_workers=PEER_LIMITS.max_workers,
+            max_connections=PEER_LIMITS.max_connections,
+            max_waiting_calls=PEER_LIMITS.max_waiting_calls,
+            handshake_timeout_ms=PEER_LIMITS.handshake_timeout_ms,
+            credentials=credentials,
+        )
     if config.metrics_address:
         driver.metrics_server = MetricsServer(config.metrics_address, metrics, driver.health)
     return driver
+
+
+def _forwarder(config: Config) -> Forwarder | None:
+    """Controller mode with the peer channel: what hands ControllerModifyVolume to the nodes."""
+    peer = config.peer
+    if config.mode.owns_volumes or peer is None:
+        return None
+    from csi_driver.kubeapi import ApiError, KubeApi
+    from csi_driver.services.peer import Forwarder, NodePlugins, channel_credentials
+
+    assert peer.port is not None and peer.namespace is not None and peer.selector is not None
+    try:
+        plugins = NodePlugins(KubeApi.in_cluster(), peer.namespace, peer.selector, peer.port)
+        channel_credentials(peer.tls_dir)  # readable now, or the start fails here
+        return Forwarder(plugins, lambda: channel_credentials(peer.tls_dir))
+    except (ApiError, ValueError) as exc:
+        raise StartError(f"the peer channel (--peer-*): {exc}") from exc
 
 
 def run(config: Config) -> int:
@@ -107,18 +167,22 @@ def run(config: Config) -> int:
             "endpoint": str(config.endpoint),
         },
     )
-    driver = build(config)
-    driver.server.install_signal_handlers()
-    driver.start()
+    try:
+        driver = build(config)
+        driver.server.install_signal_handlers()
+        driver.start()
+    except StartError as exc:
+        log.error("cannot start", extra={"reason": str(exc)})
+        print(f"csi-driver: cannot start: {exc}", file=sys.stderr, flush=True)
+        return 2
     if config.endpoint.scheme == "unix":
         # Printed (not only logged) so a person starting the driver by hand sees where it is.
         print(f"csi-driver listening on {config.endpoint.address}", flush=True)
     try:
         driver.server.wait()
     finally:
-        if driver.metrics_server is not None:
-            driver.metrics_server.stop()
+        driver.stop_side_servers()
     return 0
 
 
-__all__ = ["Driver", "build", "run"]
+__all__ = ["Driver", "StartError", "build", "run"]

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from csi_driver import DEFAULT_DRIVER_NAME, __version__
+from csi_driver.bounded import echo
 from csi_driver.config import (
     BackendKind,
     Config,
@@ -17,9 +18,11 @@ from csi_driver.config import (
     LogFormat,
     LvmConfig,
     Mode,
+    PeerConfig,
+    host_port,
     parse_endpoint,
 )
-from csi_driver.ids import NODE_ID_RE
+from csi_driver.config.device_classes import load_device_classes
 from csi_driver.units import parse_bytes
 
 ENV_PREFIX = "CSI_DRIVER_"
@@ -62,6 +65,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     def add(flag: str, help_text: str, default: object = None, **kw: object) -> None:
         env_name = _env_name(flag)
         value = env.get(env_name, default)
+        # An environment value is a string default: argparse runs it through ``type`` (a bad one
+        # is a usage error) but never checks it against ``choices``, so that is done here.
+        choices = kw.get("choices")
+        if env_name in env and isinstance(choices, list) and value not in choices:
+            parser.error(f"{env_name}={echo(value)}: choose one of {', '.join(choices)}")
         parser.add_argument(flag, default=value, help=f"{help_text} [env {env_name}]", **kw)  # type: ignore[arg-type]
 
     add(
@@ -126,6 +134,25 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         " and no component on the way may be a symbolic link",
         DEFAULT_KUBELET_DIR,
     )
+    add(
+        "--peer-tls-dir",
+        "node and controller mode: directory with ca.crt, tls.crt and tls.key of the"
+        " controller-to-node channel that carries ControllerModifyVolume (off when empty)",
+        None,
+    )
+    add("--peer-listen", "node mode: HOST:PORT on which the peer channel is served", None)
+    add(
+        "--peer-port",
+        "controller mode: the port the node plugins serve the peer channel on",
+        None,
+        type=int,
+    )
+    add(
+        "--peer-namespace",
+        "controller mode: namespace of the node plugin pods (default: $POD_NAMESPACE)",
+        env.get("POD_NAMESPACE"),
+    )
+    add("--peer-selector", "controller mode: label selector of the node plugin pods", None)
     add("--max-volumes-per-node", "reported in NodeGetInfo; 0 means no limit", 0, type=int)
     add("--grace-period", "seconds in-flight RPCs get to finish on SIGTERM", 10.0, type=float)
     add(
@@ -148,33 +175,17 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     env = os.environ if env is None else env
     parser = build_parser(env)
     args = parser.parse_args(argv)
-    # Values from the environment arrive as strings: run them through the flag's type.
-    for action in parser._actions:
-        if action.dest in vars(args) and isinstance(getattr(args, action.dest), str):
-            if action.type is not None and callable(action.type):
-                try:
-                    setattr(args, action.dest, action.type(getattr(args, action.dest)))
-                except (argparse.ArgumentTypeError, ValueError) as exc:
-                    parser.error(f"{action.option_strings[0]}: {exc}")
-            if action.choices is not None and getattr(args, action.dest) not in action.choices:
-                parser.error(
-                    f"{action.option_strings[0]}: invalid choice {getattr(args, action.dest)!r}"
-                )
-    if not NODE_ID_RE.match(args.node_id or ""):
-        parser.error(
-            f"--node-id {args.node_id!r}: use 1-128 letters, digits, '.', '_' or '-',"
-            " starting and ending with a letter or digit"
-        )
+    if not args.peer_tls_dir and (args.peer_listen or args.peer_port or args.peer_selector):
+        parser.error("the --peer-* flags need --peer-tls-dir: the channel is never served bare")
     try:
         endpoint = parse_endpoint(args.endpoint)
         backend = BackendKind(args.backend)
         lvm = None
         if backend is BackendKind.LVM:
-            if not args.lvm_config and not args.lvm_volume_group:
-                parser.error("--backend lvm needs --lvm-config or --lvm-volume-group")
             lvm = LvmConfig(
-                config_file=Path(args.lvm_config) if args.lvm_config else None,
-                volume_group=args.lvm_volume_group,
+                device_classes=load_device_classes(
+                    Path(args.lvm_config) if args.lvm_config else None, args.lvm_volume_group
+                ),
                 use_nsenter=args.lvm_nsenter,
                 udev_sync=args.lvm_udev_sync,
             )
@@ -198,6 +209,15 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
             max_volumes_per_node=args.max_volumes_per_node,
             grace_period=args.grace_period,
             kubelet_dir=Path(os.path.normpath(os.path.abspath(args.kubelet_dir))),
+            peer=PeerConfig(
+                tls_dir=Path(args.peer_tls_dir),
+                listen=host_port(args.peer_listen, "--peer-listen") if args.peer_listen else None,
+                port=args.peer_port,
+                namespace=args.peer_namespace or None,
+                selector=args.peer_selector or None,
+            )
+            if args.peer_tls_dir
+            else None,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -32,6 +32,16 @@ class ParsedId:
         return f"{self.local}@{self.node_id}"
 
 
+def check_node_id(value: str) -> str:
+    """The one rule for a node id (the driver's --node-id, and the node part of every id)."""
+    if not NODE_ID_RE.fullmatch(value or ""):
+        raise ValueError(
+            f"node id {echo(value)}: use 1-128 letters, digits, '.', '_' or '-', starting and"
+            " ending with a letter or digit"
+        )
+    return value
+
+
 def _digest(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
 

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from csi_driver.config import split_host_port
+
 log = logging.getLogger(__name__)
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -126,17 +128,6 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def parse_address(value: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[IPv6]:PORT`` or ``IPv6:PORT`` (what ``$(POD_IP):PORT`` becomes in a
-    Pod); an empty host means every address."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics address must be HOST:PORT, got {value!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
 class MetricsServer:
     """Serves /metrics and /healthz (200 when ``health()`` returns None, else 503 with why).
 
@@ -161,7 +152,7 @@ class MetricsServer:
         max_connections: int = 256,
         health_timeout: float = 10.0,
     ) -> None:
-        host, port = parse_address(address)
+        host, port = split_host_port(address, "metrics address")
         self._metrics, self._health = metrics, health
         self._read_timeout, self._health_timeout = read_timeout, health_timeout
         self._max_connections = max_connections

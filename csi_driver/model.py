@@ -3,13 +3,48 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+
+from csi_driver.errors import AlreadyExists
+
+#: the StorageClass parameter a VolumeAttributesClass may also set, and ControllerModifyVolume
+#: change later (backends/mutable.py checks its values)
+WIPE_ON_DELETE = "wipeOnDelete"
+#: parameters that may change over a volume's life, so they do not tell volumes apart
+MUTABLE_PARAMETERS = (WIPE_ON_DELETE,)
 
 
 def frozen_map(data: Mapping[str, str] | None = None) -> Mapping[str, str]:
     return MappingProxyType(dict(data or {}))
+
+
+class Parameters(Mapping[str, str]):
+    """StorageClass parameters as the backend's ``validate_parameters`` returned them: checked,
+    normalised (defaults filled in), immutable. The one validation happens at the service edge;
+    whatever takes Parameters (sizing, capacity, creation) trusts them and checks nothing again.
+    A backend reading back the parameters it stored with a volume also holds Parameters."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self._items: Mapping[str, str] = MappingProxyType(dict(items or {}))
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"Parameters({dict(self._items)!r})"
 
 
 class AccessType(enum.Enum):
@@ -64,14 +99,65 @@ class ContentSource:
 
 @dataclass(frozen=True)
 class VolumeSpec:
-    """A validated CreateVolume request, as the backend sees it."""
+    """A validated CreateVolume request: what a new volume gets (the backend makes exactly
+    this), and what an existing volume of the same name must be to answer the request
+    (:meth:`check_existing`)."""
 
     name: str
+    #: the size a new volume gets, already rounded by the backend (services/sizing.py)
     capacity_bytes: int
     access_type: AccessType
     fs_type: str
-    parameters: Mapping[str, str] = field(default_factory=frozen_map)
+    parameters: Parameters = field(default_factory=Parameters)
     content_source: ContentSource | None = None
+    #: the request's capacity range (0: no bound); an existing volume must lie in it
+    required_bytes: int = 0
+    limit_bytes: int = 0
+
+    def check_existing(self, volume: Volume) -> None:
+        """ALREADY_EXISTS, naming every field that differs, unless ``volume`` (the one this
+        request's name maps to) answers the request as it is. The only idempotency rule of
+        volume creation. A volume expanded since still answers its original request (within
+        limit_bytes), and mutable parameters, which ControllerModifyVolume changes, do not
+        count."""
+        differences = []
+        if volume.name != self.name:
+            differences.append(f"its id belongs to volume {volume.name!r}")
+        if volume.access_type is not self.access_type:
+            differences.append(
+                f"access type is {volume.access_type.value}, not {self.access_type.value}"
+            )
+        elif self.access_type is AccessType.MOUNT and volume.fs_type != self.fs_type:
+            differences.append(f"fs_type is {volume.fs_type!r}, not {self.fs_type!r}")
+        if _identifying(volume.parameters) != _identifying(self.parameters):
+            differences.append(
+                f"parameters are {_identifying(volume.parameters)},"
+                f" not {_identifying(self.parameters)}"
+            )
+        if volume.content_source != self.content_source:
+            differences.append(
+                f"content source is {_source_text(volume.content_source)},"
+                f" not {_source_text(self.content_source)}"
+            )
+        size = volume.capacity_bytes
+        if size < self.required_bytes or (self.limit_bytes and size > self.limit_bytes):
+            differences.append(
+                f"capacity is {size} bytes, outside the requested"
+                f" [{self.required_bytes}, {self.limit_bytes or 'no limit'}]"
+            )
+        if differences:
+            raise AlreadyExists(
+                f"volume {self.name!r} already exists and does not match this request: "
+                + "; ".join(differences)
+            )
+
+
+def _identifying(parameters: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in sorted(parameters.items()) if k not in MUTABLE_PARAMETERS}
+
+
+def _source_text(source: ContentSource | None) -> str:
+    return f"{source.kind.value} {source.id!r}" if source is not None else "none"
 
 
 @dataclass(frozen=True)
@@ -82,7 +168,7 @@ class Volume:
     access_type: AccessType
     fs_type: str
     node_id: str
-    parameters: Mapping[str, str] = field(default_factory=frozen_map)
+    parameters: Parameters = field(default_factory=Parameters)
     content_source: ContentSource | None = None
     context: Mapping[str, str] = field(default_factory=frozen_map)
     published_nodes: frozenset[str] = frozenset()

@@ -301,16 +301,22 @@ class Server:
         max_workers: int = 32,
         max_connections: int = MAX_CONNECTIONS,
         max_waiting_calls: int = MAX_WAITING_CALLS,
+        handshake_timeout_ms: int = 10_000,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.endpoint = endpoint
+        #: TLS for a tcp endpoint (the peer channel); the unix socket is guarded by its mode
+        self._credentials = credentials
         self.grace_period = grace_period
         self._registrations = tuple(registrations)
         self._interceptors = tuple(interceptors)
         self._max_workers = max_workers
         self._max_waiting_calls = max_waiting_calls
+        overridden = {"grpc.max_allowed_incoming_connections", "grpc.server_handshake_timeout_ms"}
         self._options = (
-            *(o for o in LIMITS if o[0] != "grpc.max_allowed_incoming_connections"),
+            *(o for o in LIMITS if o[0] not in overridden),
             ("grpc.max_allowed_incoming_connections", max_connections),
+            ("grpc.server_handshake_timeout_ms", handshake_timeout_ms),
         )
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -348,7 +354,10 @@ class Server:
         )
         for register in self._registrations:
             register(server)
-        server.add_insecure_port(address)
+        if self._credentials is not None:
+            server.add_secure_port(address, self._credentials)
+        else:
+            server.add_insecure_port(address)
         await server.start()
         self._server = server
 

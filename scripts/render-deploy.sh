@@ -2,7 +2,9 @@
 # Renders the plain manifests in deploy/ from the chart, for clusters installed without helm:
 #   deploy/nodelocal-csi.yaml       the chart's default values (hostpath backend)
 #   deploy/nodelocal-csi-lvm.yaml   the same with backend=lvm (device class "default" on VG "nodelocal")
-# Both install into kube-system as release "nodelocal-csi".
+# Both install into kube-system as release "nodelocal-csi". Both leave modify.enabled off: the
+# peer channel's certificates are made per install, and keys in a published file would be
+# everyone's keys. Changing a VolumeAttributesClass needs the chart (docs/deploy.md).
 #
 #   scripts/render-deploy.sh              rewrite deploy/
 #   scripts/render-deploy.sh --out DIR    render into DIR instead (the chart tests compare the two)
@@ -40,5 +42,5 @@ render() {
     echo "render-deploy: wrote $OUT_DIR/$file"
 }
 
-render nodelocal-csi.yaml --set backend=hostpath
-render nodelocal-csi-lvm.yaml --set backend=lvm
+render nodelocal-csi.yaml --set backend=hostpath --set modify.enabled=false
+render nodelocal-csi-lvm.yaml --set backend=lvm --set modify.enabled=false

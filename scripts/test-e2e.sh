@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The Kubernetes end-to-end lane: installs (or finds cached) a single-node cluster's parts
-# (scripts/install-cluster.sh), then runs pytest tests/e2e, which starts the cluster from its
-# components, installs the chart with helm, runs the scenarios and tears everything down.
+# (scripts/install-cluster.sh), builds the driver image from the repository's Dockerfile
+# (scripts/build-image.sh: an OCI archive, cached), then runs pytest tests/e2e, which starts the
+# cluster from its components, imports that archive, installs the chart with helm, runs the
+# scenarios and tears everything down.
 # Extra arguments go to pytest (e.g. -k snapshot). See docs/testing-e2e.md.
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -11,6 +13,12 @@ t0=$(date +%s)
 "$ROOT/scripts/install-cluster.sh" >/dev/null
 t1=$(date +%s)
 say "e2e: install-cluster.sh took $((t1 - t0)) s"
+# CSI_E2E_DRIVER_SRC: build the image from another source tree (docs/testing-e2e.md).
+CSI_E2E_DRIVER_ARCHIVE=$("$ROOT/scripts/build-image.sh" --context "${CSI_E2E_DRIVER_SRC:-$ROOT}" | tail -n 1)
+export CSI_E2E_DRIVER_ARCHIVE
+tb=$(date +%s)
+say "e2e: build-image.sh took $((tb - t1)) s ($CSI_E2E_DRIVER_ARCHIVE)"
+t1=$tb
 
 junit=()
 if [ -n "${CSI_JUNIT_DIR:-}" ]; then

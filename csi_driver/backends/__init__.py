@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from csi_driver.backends.base import Backend
 from csi_driver.config import BackendKind, Config
-from csi_driver.system.runner import Runner, SubprocessRunner
+from csi_driver.system.runner import SubprocessRunner
 
 NSENTER_PREFIX = ("nsenter", "--mount=/proc/1/ns/mnt", "--")
 
 
-def build_backend(config: Config, runner: Runner) -> Backend:
+def build_backend(config: Config, runner: SubprocessRunner) -> Backend:
     """Construct the configured backend. Imports are local so one backend's tools are not
     needed to run the other."""
     if config.backend is BackendKind.HOSTPATH:
@@ -21,18 +23,13 @@ def build_backend(config: Config, runner: Runner) -> Backend:
         )
         return hostpath
     from csi_driver.backends.lvm.backend import LvmBackend
-    from csi_driver.backends.lvm.classes import load_device_classes
 
     assert config.lvm is not None
-    lvm_runner = runner
-    if config.lvm.use_nsenter and isinstance(runner, SubprocessRunner):
-        lvm_runner = SubprocessRunner(
-            prefix=NSENTER_PREFIX, observer=runner.observer, extra_env=runner.extra_env
-        )
     lvm: Backend = LvmBackend(
-        load_device_classes(config.lvm),
+        config.lvm.device_classes,
         config.node_id,
-        lvm_runner,
+        # lvm2 in the host's mount namespace: its lvm.conf, metadata archives and tools
+        dataclasses.replace(runner, prefix=NSENTER_PREFIX) if config.lvm.use_nsenter else runner,
         udev_sync=config.lvm.udev_sync,
     )
     return lvm

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from csi_driver.model import Attachment, Snapshot, Volume, VolumeCondition, VolumeSpec
+from csi_driver.model import (
+    Attachment,
+    Parameters,
+    Snapshot,
+    Volume,
+    VolumeCondition,
+    VolumeSpec,
+)
 
 
 class Backend(Protocol):
@@ -14,6 +21,13 @@ class Backend(Protocol):
     Methods raise :class:`csi_driver.errors.CsiError` subclasses with the CSI code to return.
     Volume and snapshot ids passed in have already been checked for syntax by the servicer,
     but the backend still owns the mapping from id to storage and must not trust it further.
+
+    What the servicers decided, the backend trusts and does not decide again: parameters are
+    what :meth:`validate_parameters` returned (validated once, at the service edge); sizes
+    given to :meth:`create_volume` and :meth:`expand_volume` are what :meth:`round_size` made
+    of the request and are allocated as they are (services/sizing.py also checks them against
+    the limit and the content source); whether an existing volume answers a CreateVolume is
+    :meth:`csi_driver.model.VolumeSpec.check_existing`'s to say, before the backend is asked.
     """
 
     #: the value of ``max_volumes_per_node`` in NodeGetInfo (0 = no limit)
@@ -22,8 +36,9 @@ class Backend(Protocol):
     def health(self) -> str | None:
         """None when ready, else a short reason (Probe answers not ready with it)."""
 
-    def validate_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
-        """Check StorageClass parameters (a closed set) and return them normalised.
+    def validate_parameters(self, parameters: Mapping[str, str]) -> Parameters:
+        """Check StorageClass parameters (a closed set) and return them normalised: the one
+        validator, and the only maker of the Parameters the other methods take.
 
         ``csi.storage.k8s.io/*`` keys are already removed. Unknown keys or bad values raise
         InvalidArgument.
@@ -39,14 +54,17 @@ class Backend(Protocol):
     def supported_fs_types(self) -> Sequence[str]:
         """Filesystems a mount volume may ask for; the first one is the default."""
 
-    def round_size(self, size_bytes: int, parameters: Mapping[str, str]) -> int:
-        """The size the backend would really allocate for a request of ``size_bytes``."""
+    def round_size(self, size_bytes: int, parameters: Parameters) -> int:
+        """The size the backend would really allocate for a request of ``size_bytes``, for a
+        new volume with ``parameters`` or an existing one with those (its own)."""
 
     def create_volume(self, spec: VolumeSpec) -> Volume:
-        """Create, or return the existing volume of the same name if compatible.
+        """Create the volume ``spec`` describes: exactly ``spec.capacity_bytes`` bytes, with
+        ``spec.parameters``. A ready volume of the same name is returned as it is (the caller
+        has checked it answers the request); what an unfinished creation left is finished or
+        cleared away.
 
-        AlreadyExists for an incompatible volume of the same name; NotFound for a missing
-        content source; ResourceExhausted when there is no room.
+        NotFound for a missing content source; ResourceExhausted when there is no room.
         """
 
     def delete_volume(self, volume_id: str) -> None:
@@ -58,11 +76,12 @@ class Backend(Protocol):
     def list_volumes(self) -> Sequence[Volume]:
         """All volumes, sorted by id (pagination is the servicer's)."""
 
-    def capacity(self, parameters: Mapping[str, str]) -> int:
-        """Bytes available for new volumes with these (validated) parameters."""
+    def capacity(self, parameters: Parameters) -> int:
+        """Bytes available for new volumes with these parameters."""
 
     def expand_volume(self, volume_id: str, size_bytes: int) -> Volume:
-        """Grow the volume to at least ``size_bytes``; a no-op when already that big."""
+        """Grow the volume to ``size_bytes`` (a size :meth:`round_size` gave); a no-op when it
+        is already that big."""
 
     def set_published(self, volume_id: str, node_id: str, published: bool) -> None:
         """Record ControllerPublish state (shown by ListVolumes)."""

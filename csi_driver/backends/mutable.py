@@ -1,5 +1,6 @@
 """Mutable parameters: the ones a VolumeAttributesClass may set at creation and change later
-(ControllerModifyVolume). The same closed set for every backend, checked here once.
+(ControllerModifyVolume). The same closed set for every backend, checked here once. The
+names live in model.py, because they also decide which parameters tell volumes apart.
 
 ``wipeOnDelete``  ``"true"``: overwrite the volume's data before its storage is released on
                   DeleteVolume (see each backend for how); ``"false"`` (the default): do not.
@@ -10,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from csi_driver.errors import InvalidArgument
+from csi_driver.model import MUTABLE_PARAMETERS as MUTABLE_PARAMETERS
+from csi_driver.model import WIPE_ON_DELETE as WIPE_ON_DELETE
 from csi_driver.model import frozen_map
-
-WIPE_ON_DELETE = "wipeOnDelete"
-MUTABLE_PARAMETERS = (WIPE_ON_DELETE,)
 
 
 def wipe_value(value: str) -> str:
@@ -44,8 +44,3 @@ def apply(parameters: Mapping[str, str], mutable: Mapping[str, str]) -> dict[str
         else:
             out.pop(key, None)
     return out
-
-
-def immutable(parameters: Mapping[str, str]) -> dict[str, str]:
-    """The part of a volume's parameters that identifies it (idempotency checks)."""
-    return {k: v for k, v in parameters.items() if k not in MUTABLE_PARAMETERS}

@@ -7,8 +7,9 @@ What is served depends on the mode:
 * node (the DaemonSet): everything for this node's volumes except ControllerPublish/Unpublish,
   which the controller Deployment answers. Nothing records publishes here, so
   LIST_VOLUMES_PUBLISHED_NODES is not offered either.
-* controller (the Deployment, no storage): ControllerPublish/Unpublish only, decided from the
-  node part of the volume id.
+* controller (the Deployment, no storage): ControllerPublish/Unpublish, decided from the
+  node part of the volume id; with the peer channel also ControllerModifyVolume, which it hands
+  to the node plugin of that node (services/peer.py).
 
 Every field is checked before any lock or backend call, so a rejected request changes nothing.
 Secrets are accepted and ignored (the interceptor redacts them from logs).
@@ -17,7 +18,7 @@ Secrets are accepted and ignored (the interceptor redacts them from logs).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import grpc
 
@@ -31,25 +32,22 @@ from csi_driver.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     ResourceExhausted,
 )
 from csi_driver.locks import KeyLocks
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from csi_driver.services import convert, pagination, sizing
-from csi_driver.units import GiB
+from csi_driver.services.peer import Forwarder
 
 log = logging.getLogger(__name__)
-
-#: the size of a volume whose request names no size (capped by ``limit_bytes``)
-DEFAULT_VOLUME_SIZE = 1 * GiB
 
 _Rpc = csi_pb2.ControllerServiceCapability.RPC
 
 
-def _capabilities(mode: Mode) -> list[csi_pb2.ControllerServiceCapability.RPC.Type]:
+def _capabilities(mode: Mode, forwards: bool) -> list[csi_pb2.ControllerServiceCapability.RPC.Type]:
     if mode is Mode.CONTROLLER:
-        return [_Rpc.PUBLISH_UNPUBLISH_VOLUME, _Rpc.SINGLE_NODE_MULTI_WRITER]
+        caps = [_Rpc.PUBLISH_UNPUBLISH_VOLUME, _Rpc.SINGLE_NODE_MULTI_WRITER]
+        return [*caps, _Rpc.MODIFY_VOLUME] if forwards else caps
     caps = [
         _Rpc.CREATE_DELETE_VOLUME,
         _Rpc.LIST_VOLUMES,
@@ -73,9 +71,17 @@ def _unimplemented(rpc: str, why: str) -> CsiError:
 
 
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
-    def __init__(self, config: Config, backend: Backend | None, locks: KeyLocks) -> None:
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend | None,
+        locks: KeyLocks,
+        forwarder: Forwarder | None = None,
+    ) -> None:
         self._config = config
         self._backend = backend
+        #: controller mode with the peer channel: hands ControllerModifyVolume to the node
+        self._forwarder = forwarder
         self._locks = locks
         self._node = config.node_id
         self._key = config.topology_key
@@ -107,8 +113,18 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             raise NotFound(f"volume {volume_id!r} does not exist")
         return volume
 
-    def _parameters(self, backend: Backend, parameters: Mapping[str, str]) -> Mapping[str, str]:
-        return backend.validate_parameters(convert.strip_kubernetes_keys(parameters))
+    def _parameters(
+        self,
+        backend: Backend,
+        parameters: Mapping[str, str],
+        mutable_parameters: Mapping[str, str] | None = None,
+    ) -> model.Parameters:
+        """The request's parameters, validated once by the backend's one validator."""
+        merged = convert.strip_kubernetes_keys(parameters)
+        if mutable_parameters:
+            # A VolumeAttributesClass's values win over the StorageClass's for the same key.
+            merged.update(backend.validate_mutable_parameters(dict(mutable_parameters)))
+        return backend.validate_parameters(merged)
 
     def _is_this_node(self, topology: csi_pb2.Topology) -> bool:
         # Only this driver's key decides; other segments describe nothing this driver owns.
@@ -154,49 +170,20 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             )
         return access_type, fs_type
 
-    def _source(
-        self, backend: Backend, request: csi_pb2.CreateVolumeRequest
-    ) -> tuple[model.ContentSource | None, int]:
-        """The validated content source and its size (0 without a source)."""
-        if not request.HasField("volume_content_source"):
-            return None, 0
-        source = convert.content_source_from_pb(request.volume_content_source)
+    def _source_bytes(self, backend: Backend, source: model.ContentSource | None) -> int:
+        """The size of the content source (0 without one); NOT_FOUND when it is missing."""
+        if source is None:
+            return 0
         node = source.id.rpartition("@")[2]
         if source.kind is model.SourceKind.SNAPSHOT:
             snapshot = backend.get_snapshot(source.id) if node == self._node else None
             if snapshot is None:
                 raise NotFound(f"source snapshot {source.id!r} does not exist on this node")
-            return source, snapshot.size_bytes
+            return snapshot.size_bytes
         volume = backend.get_volume(source.id) if node == self._node else None
         if volume is None:
             raise NotFound(f"source volume {source.id!r} does not exist on this node")
-        return source, volume.capacity_bytes
-
-    def _size(
-        self,
-        backend: Backend,
-        request: csi_pb2.CreateVolumeRequest,
-        parameters: Mapping[str, str],
-        source_size: int,
-    ) -> tuple[int, int, int]:
-        """(size to allocate, required, limit). Without a required size a volume gets the
-        size of its source, else DEFAULT_VOLUME_SIZE, never more than the limit."""
-        required, limit = convert.capacity_range(request.capacity_range)
-        wanted = required or source_size or DEFAULT_VOLUME_SIZE
-        if limit and not required:
-            wanted = min(wanted, limit)
-        if wanted < source_size:
-            raise OutOfRange(
-                f"the requested size of {wanted} bytes is smaller than the source's"
-                f" {source_size} bytes; ask for at least that much"
-            )
-        size = backend.round_size(wanted, parameters)
-        if limit and size > limit:
-            raise OutOfRange(
-                f"the smallest volume this backend can allocate for {wanted} bytes is {size}"
-                f" bytes, above limit_bytes {limit}"
-            )
-        return size, required, limit
+        return volume.capacity_bytes
 
     def _status_entry(
         self, backend: Backend, volume: model.Volume
@@ -214,11 +201,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         backend = self._storage("CreateVolume")
         name = convert.require_name(request.name)
         caps = convert.capabilities_from_pb(request.volume_capabilities)
-        parameters = self._parameters(backend, request.parameters)
-        if request.mutable_parameters:
-            # A VolumeAttributesClass's values win over the StorageClass's for the same key.
-            changes = backend.validate_mutable_parameters(dict(request.mutable_parameters))
-            parameters = backend.validate_parameters(mutable.apply(parameters, changes))
+        parameters = self._parameters(backend, request.parameters, request.mutable_parameters)
         access_type, fs_type = self._volume_shape(caps, backend, parameters.get("fsType", ""))
         if request.HasField("accessibility_requirements"):
             reqs = request.accessibility_requirements
@@ -228,72 +211,62 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"this plugin can only provision on node {self._node!r}"
                     f" ({self._key}={self._node}), which the accessibility requirements exclude"
                 )
-        source, source_size = self._source(backend, request)
-        size, required, limit = self._size(backend, request, parameters, source_size)
+        required, limit = convert.capacity_range(request.capacity_range)
+        source = (
+            convert.content_source_from_pb(request.volume_content_source)
+            if request.HasField("volume_content_source")
+            else None
+        )
 
         volume_id = ids.volume_id_for(name, self._node)
         keys = [f"volume-name:{name}", volume_id] + ([source.id] if source else [])
         with self._locks.hold(*keys):
-            existing = backend.get_volume(volume_id)
-            if existing is not None:
-                self._check_compatible(existing, name, access_type, fs_type, required, limit)
-            volume = backend.create_volume(
-                model.VolumeSpec(
-                    name=name,
-                    capacity_bytes=size,
-                    access_type=access_type,
-                    fs_type=fs_type,
-                    parameters=model.frozen_map(parameters),
-                    content_source=source,
-                )
+            # The source's size is read under its lock, so it cannot grow before it is copied.
+            source_bytes = self._source_bytes(backend, source)
+            spec = model.VolumeSpec(
+                name=name,
+                capacity_bytes=sizing.create_size(
+                    backend, parameters, required, limit, source_bytes
+                ),
+                access_type=access_type,
+                fs_type=fs_type,
+                parameters=parameters,
+                content_source=source,
+                required_bytes=required,
+                limit_bytes=limit,
             )
+            volume = backend.get_volume(volume_id)
+            if volume is not None:
+                spec.check_existing(volume)
+            else:
+                volume = backend.create_volume(spec)
         out = convert.volume_to_pb(volume, self._key)
         if source is not None:
             out.content_source.CopyFrom(convert.content_source_to_pb(source))
         return csi_pb2.CreateVolumeResponse(volume=out)
-
-    @staticmethod
-    def _check_compatible(
-        existing: model.Volume,
-        name: str,
-        access_type: model.AccessType,
-        fs_type: str,
-        required: int,
-        limit: int,
-    ) -> None:
-        problems = []
-        if existing.name != name:
-            problems.append("another name maps to the same id")
-        if existing.access_type is not access_type:
-            problems.append(f"it is a {existing.access_type.value} volume")
-        if access_type is model.AccessType.MOUNT and existing.fs_type != fs_type:
-            problems.append(f"it has filesystem {existing.fs_type!r}")
-        if existing.capacity_bytes < required or (limit and existing.capacity_bytes > limit):
-            problems.append(f"its size is {existing.capacity_bytes} bytes")
-        if problems:
-            raise AlreadyExists(
-                f"a volume named {name!r} already exists and does not match this request: "
-                + "; ".join(problems)
-            )
 
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteVolumeResponse:
         backend = self._storage("DeleteVolume")
         volume_id = convert.require(request.volume_id, "volume_id")
-        parsed = ids.parse(volume_id, "v")
+        self._delete("volume", "v", volume_id, backend.delete_volume)
+        return csi_pb2.DeleteVolumeResponse()
+
+    def _delete(self, what: str, kind: str, object_id: str, delete: Callable[[str], None]) -> None:
+        """DeleteVolume and DeleteSnapshot: an id this driver never issued names nothing, so
+        it is deleted already; one of another node is refused, since answering OK would let
+        the CO forget storage that still exists on that node."""
+        parsed = ids.parse(object_id, kind)
         if parsed is None:
-            # Not an id this driver ever issued: nothing of it can exist.
-            return csi_pb2.DeleteVolumeResponse()
+            return
         if parsed.node_id != self._node:
-            # Answering OK would let the CO forget storage that still exists on that node.
             raise FailedPrecondition(
-                f"volume {volume_id!r} lives on node {parsed.node_id!r}; only that node's plugin"
+                f"{what} {object_id!r} lives on node {parsed.node_id!r}; only that node's plugin"
                 " can delete it"
             )
-        with self._locks.hold(volume_id):
-            backend.delete_volume(volume_id)
-        return csi_pb2.DeleteVolumeResponse()
+        with self._locks.hold(object_id):
+            delete(object_id)
 
     def ControllerPublishVolume(
         self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
@@ -530,14 +503,33 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def ControllerModifyVolume(
         self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerModifyVolumeResponse:
-        backend = self._storage("ControllerModifyVolume")
         volume_id = convert.require(request.volume_id, "volume_id")
+        # csi-resizer's --extra-modify-metadata adds csi.storage.k8s.io/* keys: not parameters
+        wanted = convert.strip_kubernetes_keys(request.mutable_parameters)
+        if self._backend is None and self._forwarder is not None:
+            return self._forward_modify(volume_id, wanted, context)
+        backend = self._storage("ControllerModifyVolume")
         self._local_volume_id(volume_id)
-        changes = backend.validate_mutable_parameters(dict(request.mutable_parameters))
+        changes = backend.validate_mutable_parameters(wanted)
         with self._locks.hold(volume_id):
             self._existing_volume(backend, volume_id)
             backend.modify_volume(volume_id, changes)
         return csi_pb2.ControllerModifyVolumeResponse()
+
+    def _forward_modify(
+        self, volume_id: str, wanted: Mapping[str, str], context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerModifyVolumeResponse:
+        """Controller mode: the node plugin of the volume's node answers. What can be decided
+        here is, so a bad request is final (INVALID_ARGUMENT) even while that node is down.
+        The node gets the request as checked here (secrets are never passed on)."""
+        assert self._forwarder is not None
+        node = ids.require_volume_id(volume_id, "volume_id").node_id
+        mutable.validate_mutable(wanted, "node plugin's")
+        request = csi_pb2.ControllerModifyVolumeRequest(
+            volume_id=volume_id, mutable_parameters=dict(wanted)
+        )
+        with self._locks.hold(volume_id):
+            return self._forwarder.modify_volume(node, request, context.time_remaining())
 
     # --- snapshots -------------------------------------------------------------------------
 
@@ -566,16 +558,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     ) -> csi_pb2.DeleteSnapshotResponse:
         backend = self._storage("DeleteSnapshot")
         snapshot_id = convert.require(request.snapshot_id, "snapshot_id")
-        parsed = ids.parse(snapshot_id, "s")
-        if parsed is None:
-            return csi_pb2.DeleteSnapshotResponse()
-        if parsed.node_id != self._node:
-            raise FailedPrecondition(
-                f"snapshot {snapshot_id!r} lives on node {parsed.node_id!r}; only that node's"
-                " plugin can delete it"
-            )
-        with self._locks.hold(snapshot_id):
-            backend.delete_snapshot(snapshot_id)
+        self._delete("snapshot", "s", snapshot_id, backend.delete_snapshot)
         return csi_pb2.DeleteSnapshotResponse()
 
     def ListSnapshots(
@@ -621,6 +604,6 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         return csi_pb2.ControllerGetCapabilitiesResponse(
             capabilities=[
                 csi_pb2.ControllerServiceCapability(rpc=_Rpc(type=t))
-                for t in _capabilities(self._config.mode)
+                for t in _capabilities(self._config.mode, self._forwarder is not None)
             ]
         )

@@ -25,18 +25,17 @@ from csi_driver.config import Config
 from csi_driver.errors import CsiError, InvalidArgument, NotFound
 from csi_driver.failpoints import reach
 from csi_driver.locks import KeyLocks
-from csi_driver.services import convert
+from csi_driver.services import convert, sizing
 from csi_driver.services.system_errors import system_errors
 from csi_driver.system.confined import Confined, Jail
 from csi_driver.system.filesystem import FilesystemError
 from csi_driver.system.mounter import MountError
-from csi_driver.units import GiB, parse_bytes
+from csi_driver.units import parse_bytes
 
 log = logging.getLogger(__name__)
 
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 EPHEMERAL_SIZE_KEY = "size"
-DEFAULT_EPHEMERAL_SIZE = 1 * GiB
 
 
 class NodeSteps(Protocol):
@@ -152,7 +151,7 @@ class EphemeralVolumes:
             raise InvalidArgument(
                 f"access mode {cap.access_mode.name} is not supported for node-local volumes"
             )
-        size = DEFAULT_EPHEMERAL_SIZE
+        size = 0  # not given: sizing's default
         if EPHEMERAL_SIZE_KEY in context_map:
             try:
                 size = parse_bytes(context_map[EPHEMERAL_SIZE_KEY])
@@ -174,10 +173,11 @@ class EphemeralVolumes:
             )
         return model.VolumeSpec(
             name=kubelet_id,
-            capacity_bytes=self._backend.round_size(size, parameters),
+            capacity_bytes=sizing.create_size(self._backend, parameters, size),
             access_type=model.AccessType.MOUNT,
             fs_type=cap.fs_type or self._node.default_fs_type(),
-            parameters=model.frozen_map(parameters),
+            parameters=parameters,
+            required_bytes=size,
         )
 
     def publish(
@@ -195,8 +195,11 @@ class EphemeralVolumes:
             system_errors(),
             self._node.jail.resolve(path, create_parents=True) as target,
         ):
-            created = self._backend.get_volume(volume_id) is None
-            volume = self._backend.create_volume(spec)
+            existing = self._backend.get_volume(volume_id)
+            if existing is not None:
+                spec.check_existing(existing)
+            created = existing is None
+            volume = existing or self._backend.create_volume(spec)
             reach("ephemeral.created")
             try:
                 with self._jail.resolve(staging_path, create_parents=True) as staging:

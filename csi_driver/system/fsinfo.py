@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi_driver.system.mounter import MOUNTINFO, MountInfo, parse_mountinfo
+from csi_driver.system.mounter import MOUNTINFO, MountInfo, read_mountinfo
 from csi_driver.system.runner import Runner
 
 #: copying a large volume takes long; a hung copy must still end eventually
@@ -46,8 +46,7 @@ def mount_of(path: str | Path, mountinfo: str = MOUNTINFO) -> MountInfo:
     several are stacked there (mountinfo lists them in mount order)."""
     real = os.path.realpath(path)
     try:
-        with open(mountinfo, "rb") as f:
-            mounts = parse_mountinfo(f.read())
+        mounts = read_mountinfo(mountinfo)
     except OSError as exc:
         raise FsInfoError(f"cannot read {mountinfo}: {exc.strerror}") from exc
     best: MountInfo | None = None
@@ -67,8 +66,7 @@ def mounts_showing(path: str | Path, mountinfo: str = MOUNTINFO) -> list[str]:
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
-        with open(mountinfo, "rb") as f:
-            mounts = parse_mountinfo(f.read())
+        mounts = read_mountinfo(mountinfo)
     except OSError as exc:
         raise FsInfoError(f"cannot look up the mounts of {real}: {exc.strerror}") from exc
     holder = mount_of(real, mountinfo)
@@ -86,8 +84,7 @@ def mounts_of_device(device: str, mountinfo: str = MOUNTINFO) -> list[str]:
     """Mount points of filesystems on block device ``device``."""
     try:
         rdev = os.stat(device).st_rdev
-        with open(mountinfo, "rb") as f:
-            mounts = parse_mountinfo(f.read())
+        mounts = read_mountinfo(mountinfo)
     except OSError as exc:
         raise FsInfoError(f"cannot look up the mounts of {device}: {exc.strerror}") from exc
     dev = (os.major(rdev), os.minor(rdev))

@@ -36,7 +36,15 @@ _OCTAL = re.compile(rb"\\([0-7]{3})")
 
 Key = tuple[int, int, str]
 
-__all__ = ["MOUNTINFO", "Key", "MountError", "MountInfo", "Mounter", "parse_mountinfo"]
+__all__ = [
+    "MOUNTINFO",
+    "Key",
+    "MountError",
+    "MountInfo",
+    "Mounter",
+    "parse_mountinfo",
+    "read_mountinfo",
+]
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,12 @@ def parse_mountinfo(data: bytes) -> list[MountInfo]:
     return out
 
 
+def read_mountinfo(path: str = MOUNTINFO) -> list[MountInfo]:
+    """The mount table at ``path`` (OSError when it cannot be read): the one reader of it."""
+    with open(path, "rb") as f:
+        return parse_mountinfo(f.read())
+
+
 def device_key(device: str) -> Key:
     """The key of a filesystem mounted from block device ``device`` (its root)."""
     rdev = os.stat(device).st_rdev
@@ -125,8 +139,7 @@ class Mounter:
     # --- the mount table ----------------------------------------------------------------
 
     def mounts(self) -> list[MountInfo]:
-        with open(self._mountinfo, "rb") as f:
-            return parse_mountinfo(f.read())
+        return read_mountinfo(self._mountinfo)
 
     def mounts_at(self, path: str) -> list[MountInfo]:
         """Mounts whose mount point is ``path`` (a real path), bottom first."""

@@ -93,7 +93,7 @@ def remove_leftovers(vg: str, keep: Iterable[str], env: Mapping[str, str]) -> No
 
 
 def _device_classes_file(run: SanityRun) -> Path:
-    """Device classes in the format of csi_driver/backends/lvm/classes.py: one default thin
+    """Device classes in the format of csi_driver/config/device_classes.py: one default thin
     class on the lane's pool."""
     path = run.state / "lvm-classes.json"
     config = {

@@ -280,7 +280,9 @@ def running(driver: Driver) -> Iterator[Driver]:
 MODE = csi_pb2.VolumeCapability.AccessMode
 
 
-def cap_for(block: bool, mode: int = MODE.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
+def cap_for(
+    block: bool, mode: csi_pb2.VolumeCapability.AccessMode.Mode = MODE.SINGLE_NODE_WRITER
+) -> csi_pb2.VolumeCapability:
     return block_cap(mode) if block else mount_cap(mode)
 
 

@@ -22,9 +22,9 @@ from tests.adversarial.conftest import (
     Sandbox,
     create_request,
     make_driver,
-    mount_cap,
     new_sandbox,
 )
+from tests.requests import mount_cap
 
 pytestmark = pytest.mark.root
 

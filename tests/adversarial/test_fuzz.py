@@ -22,15 +22,16 @@ of requests per seed (default 5,500: 11,000 for the two seeds of a normal run).
 
 from __future__ import annotations
 
+import builtins
 import collections
 import os
 import random
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 import pytest
@@ -44,18 +45,17 @@ from tests.adversarial.conftest import (
     Driver,
     MiB,
     Sandbox,
-    block_cap,
     cap_for,
     cut,
     describe,
     make_driver,
-    mount_cap,
     report,
     root_entries,
     running,
     seeds,
 )
 from tests.driver_process import loops_under
+from tests.requests import block_cap, mount_cap
 
 pytestmark = pytest.mark.root
 
@@ -84,6 +84,7 @@ CAPACITY_RPCS = {
 }
 TOPOLOGY_KEY = "topology.nodelocal.csi.dev/node"
 MISSING = object()
+T = TypeVar("T")
 MB = 1 << 20
 
 #: every RPC of the proto: (service, method, request class, server-streaming)
@@ -417,7 +418,7 @@ class Values:
         self.odd_paths = self.layout.odd_paths()
         self.protected = self.layout.protected()
 
-    def choice(self, items: list[Any]) -> Any:
+    def choice(self, items: Sequence[T]) -> T:
         return self.rng.choice(items)
 
     def vid(self) -> str:
@@ -529,6 +530,8 @@ class Values:
             ["", "0", "-1", "abc", "99999999999999999999", self.world.vid(), "v", "s", self.str()]
         )
 
+    # the kind ``str`` (``for_kind`` looks kinds up by name): in the signatures below this
+    # method shadows the builtin, hence ``builtins.str`` there
     def str(self) -> str:
         return hostile_string(self.rng)
 
@@ -550,7 +553,8 @@ class Values:
         modes = [0, 1, 2, 3, 4, 5, 6, 7, 8, 99, -1, 2**31 - 1]
         cap = csi_pb2.VolumeCapability()
         if rng.random() < 0.9:
-            cap.access_mode.mode = rng.choice(modes)
+            # numbers the enum does not name too: proto3 enums are open, any int32 is sent
+            cap.access_mode.mode = cast(csi_pb2.VolumeCapability.AccessMode.Mode, rng.choice(modes))
         kind = rng.random()
         if kind < 0.6:
             cap.mount.fs_type = rng.choice(
@@ -612,7 +616,7 @@ class Values:
         cap = self.cap() if rng.random() < 0.7 else cap_for(rng.random() < 0.5)
         return [] if cap is MISSING else [cap]
 
-    def map(self) -> dict[str, str]:
+    def map(self) -> dict[builtins.str, builtins.str]:
         rng = self.rng
         options: list[Callable[[], dict[str, str]]] = [
             lambda: {},
@@ -629,7 +633,7 @@ class Values:
         ]
         return rng.choice(options)()
 
-    def ctx(self) -> dict[str, str]:
+    def ctx(self) -> dict[builtins.str, builtins.str]:
         rng = self.rng
         if rng.random() < 0.6:
             return self.map()
@@ -682,7 +686,7 @@ class Values:
             preferred=[self.topology() for _ in range(rng.choice([0, 1]))],
         )
 
-    def for_kind(self, kind: str) -> Any:
+    def for_kind(self, kind: builtins.str) -> Any:
         return getattr(self, kind)()
 
 
@@ -808,6 +812,10 @@ def is_ephemeral(request: Any) -> bool:
     return bool(flag.lower() == "true")
 
 
+#: the field naming the path a successful node call mounts onto
+MOUNTED_FIELD = {"NodePublishVolume": "target_path", "NodeStageVolume": "staging_target_path"}
+
+
 def paths_in(fields: dict[str, Any]) -> list[str]:
     return [
         fields[f]
@@ -859,7 +867,7 @@ def tree(top: Path, skip: Iterable[str] = ()) -> dict[str, Entry]:
 
 
 def ancestors(path: str) -> set[str]:
-    out = set()
+    out: set[str] = set()
     while True:
         parent = os.path.dirname(path)
         if parent == path:
@@ -989,11 +997,12 @@ class Fuzzer:
                 # A live volume's id with a path the kubelet could have made: the driver may
                 # mount onto it, or remove it when it is an empty file or directory.
                 self.world.passed.add(p)
-        mounting = method in ("NodePublishVolume", "NodeStageVolume")
-        for p in paths:
-            if code == "OK" and mounting and p in self.holders:
-                self.fail(f"mounted over {p}, a directory with other mounts below it", sent)
-                self.undo(sent, fields)
+        # the one path a node call mounts onto: a publish's source (its staging path, or
+        # nothing for an inline volume) is only read
+        onto = MOUNTED_FIELD.get(method)
+        if code == "OK" and onto and fields.get(onto) in self.holders:
+            self.fail(f"mounted over {fields[onto]}, a directory with other mounts below it", sent)
+            self.undo(sent, fields)
         if code == "OK" and method == "CreateVolume":
             self.world.created.add(self.reply.volume.volume_id)
         if code == "OK" and method == "NodeStageVolume":

@@ -50,13 +50,13 @@ from tests.adversarial.conftest import (
     create_request,
     describe,
     make_driver,
-    mount_cap,
     new_sandbox,
     report,
     root_entries,
     seeds,
 )
 from tests.driver_process import loops_under, wait_for_exit
+from tests.requests import mount_cap
 
 pytestmark = pytest.mark.root
 
@@ -93,7 +93,7 @@ class Step:
     service: str
     method: str
     request: Any
-    apply: Callable[[Any], None]
+    apply: Callable[[Any], object]  # what it returns is dropped
     failpoints: tuple[str, ...] = ()
 
     def __str__(self) -> str:

@@ -55,6 +55,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "attach-off": {"csiDriver": {"attachRequired": False}},
     "snapshots-on": {"snapshots": {"enabled": True}},
     "snapshots-off": {"snapshots": {"enabled": False}},
+    "modify-policed": {"modify": {"networkPolicy": True, "port": 9900}},
+    "modify-off": {"modify": {"enabled": False}},
     "renamed-driver": {
         "driverName": "edge.storage.example.org",
         "kubeletDir": "/var/lib/k0s/kubelet",

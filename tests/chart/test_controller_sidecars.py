@@ -10,6 +10,7 @@ The sidecars come from scripts/install-sidecars.sh (built from the Go module pro
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -73,6 +74,15 @@ def _with(args: list[str], name: str, value: str) -> list[str]:
     return [prefix + value if a.startswith(prefix) else a for a in args]
 
 
+def _peer_tls(rendered: Rendered, into: Path) -> Path:
+    """The controller's peer channel certificates, as its Secret volume shows them."""
+    secret = rendered.one("Secret", "-peer-controller")
+    into.mkdir()
+    for key, value in secret["data"].items():
+        (into / key).write_bytes(base64.b64decode(value))
+    return into
+
+
 @dataclass
 class Running:
     name: str
@@ -92,11 +102,15 @@ class ControllerPod:
     sidecar_bin: Path
     running: list[Running]
 
-    def start(self, name: str, argv: list[str]) -> Running:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Running:
         log = self.tmp / f"{name}.log"
         with log.open("wb") as handle:
             popen = subprocess.Popen(
-                argv, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
         proc = Running(name, popen, log)
         self.running.append(proc)
@@ -152,11 +166,16 @@ def controller_pod(
     pod = ControllerPod(tmp_path, rendered, sock, kubeconfig, sidecar_bin, [])
     try:
         driver = container(rendered.deployment, "driver")
-        args = _expand(driver["args"], {"NODE_NAME": "ctrl-node"})
+        args = _expand(driver["args"], {"NODE_NAME": "ctrl-node", "POD_NAMESPACE": "kube-system"})
         args = _with(args, "endpoint", f"unix://{sock}")
         args = _with(args, "metrics-address", f"127.0.0.1:{_free_port()}")
+        args = _with(args, "peer-tls-dir", str(_peer_tls(rendered, tmp_path / "peer")))
         assert flags({"name": "driver", "args": args})["mode"] == "controller"
-        proc = pod.start("driver", [sys.executable, "-m", "csi_driver", *args])
+        proc = pod.start(
+            "driver",
+            [sys.executable, "-m", "csi_driver", *args],
+            {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(closed)},
+        )
         deadline = time.monotonic() + START_TIMEOUT
         while not sock.exists():
             assert proc.popen.poll() is None, proc.text()

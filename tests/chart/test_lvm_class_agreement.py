@@ -4,7 +4,7 @@ A device class the chart accepted but the driver refuses would surface as a cras
 pod instead of a failed `helm install`; one the chart refused but the driver takes would keep a
 documented setting out of reach. Every row of the table below goes through both sides: `helm
 template` (values.schema.json and the chart's own checks) and the driver's parser
-(csi_driver.backends.lvm.classes.parse_device_classes), and both must give the row's verdict.
+(csi_driver.config.device_classes.parse_device_classes), and both must give the row's verdict.
 When both accept, the ConfigMap the chart renders must parse to exactly the classes the values
 describe, so no setting is dropped or altered on the way.
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from csi_driver.backends.lvm.classes import DeviceClass, DeviceClassError, parse_device_classes
+from csi_driver.config.device_classes import DeviceClass, DeviceClassError, parse_device_classes
 from tests.chart.chartlib import CHART, ChartTools, Rendered, parse, run, set_args
 
 OK, BAD, STRICTER = "ok", "bad", "chart stricter"

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from csi_driver.metrics import parse_address
+from csi_driver.config import split_host_port
 from tests.chart.chartlib import ChartTools, Obj, Rendered, container, env_field_ref, flags, parse
 from tests.chart.chartlib import render_text as render
 
@@ -39,4 +39,4 @@ def test_metrics_bind_all_must_be_a_boolean(chart_tools: ChartTools) -> None:
 
 @pytest.mark.parametrize("pod_ip", ["10.244.1.7", "fd00:10:244::7"])
 def test_the_driver_accepts_the_expanded_address(pod_ip: str) -> None:
-    assert parse_address(f"{pod_ip}:9810") == (pod_ip, 9810)
+    assert split_host_port(f"{pod_ip}:9810") == (pod_ip, 9810)

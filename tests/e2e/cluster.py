@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.pki import KeyPair, Pki, write_kubeconfig
+
 from . import hoststate, images
 from .hoststate import Daemon
 from .kube import raw
-from .pki import KeyPair, Pki, write_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,6 +7,7 @@ scripts/install-cluster.sh); anywhere else its tests fail loudly rather than ski
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -29,7 +30,6 @@ from .kube import DRIVER_NAME, Kube, namespace, raw, wait_until
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE = "e2e"
 DRIVER_NAMESPACE = "nodelocal-csi"
-DRIVER_TAG = "e2e"
 HOSTPATH_CAPACITY = 4 * 1024**3
 # How long every driver container must stay ready, unrestarted, after helm install.
 SETTLE_SECONDS = 15.0
@@ -65,11 +65,31 @@ def sidecar_image(key: str) -> str:
     return f"{images.E2E_REGISTRY}/{key.lower()}:e2e"
 
 
+@functools.cache
+def driver_archive() -> images.OciArchive:
+    """The driver image built from the repository's Dockerfile: the archive scripts/test-e2e.sh
+    had scripts/build-image.sh build (``CSI_E2E_DRIVER_ARCHIVE``), else built now (cached by
+    the script). CSI_E2E_DRIVER_SRC names another source tree to build it from."""
+    path = os.environ.get("CSI_E2E_DRIVER_ARCHIVE")
+    if not path:
+        context = os.environ.get("CSI_E2E_DRIVER_SRC") or str(ROOT)
+        res = subprocess.run(
+            [str(ROOT / "scripts" / "build-image.sh"), "--context", context],
+            stdout=subprocess.PIPE,
+            text=True,
+            timeout=1800,
+        )
+        if res.returncode != 0:
+            pytest.fail("scripts/build-image.sh failed (its output is above)", pytrace=False)
+        path = res.stdout.strip().splitlines()[-1]
+    return images.OciArchive.read(Path(path))
+
+
 def _image_list() -> list[images.Image]:
     result = [
         images.pause_image(),
         images.busybox_image(),
-        images.driver_image(DRIVER_TAG),
+        driver_archive().image(),
     ]
     for key, name in SIDECARS.items():
         binary = _require(bin_dir() / name, "run scripts/install-sidecars.sh")
@@ -194,7 +214,11 @@ def api(cluster: Cluster) -> Any:
 def helm_values(cluster: Cluster, **overrides: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "kubeletDir": str(cluster.kubelet_dir),
-        "image": {"repository": images.DRIVER_REPOSITORY, "tag": DRIVER_TAG, "pullPolicy": "Never"},
+        "image": {
+            "repository": driver_archive().repository,
+            "tag": driver_archive().tag,
+            "pullPolicy": "Never",
+        },
         "logging": {"format": "text", "level": "DEBUG", "sidecarVerbosity": 4},
         # A fixed capacity makes the driver's accounting observable (CSIStorageCapacity).
         "hostpath": {"root": str(cluster.hostpath_root), "capacityBytes": HOSTPATH_CAPACITY},

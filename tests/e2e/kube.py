@@ -124,6 +124,7 @@ class Kube:
         block: bool = False,
         storage_class: str = STORAGE_CLASS,
         data_source: dict[str, str] | None = None,
+        attributes_class: str | None = None,
     ) -> None:
         body: dict[str, Any] = {
             "apiVersion": "v1",
@@ -138,6 +139,8 @@ class Kube:
         }
         if data_source is not None:
             body["spec"]["dataSource"] = data_source
+        if attributes_class is not None:
+            body["spec"]["volumeAttributesClassName"] = attributes_class
         raw(self.core.create_namespaced_persistent_volume_claim, self.namespace, body)
 
     def pod(

@@ -4,7 +4,7 @@ its message stays small, and the log does not grow with the input."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -30,7 +30,7 @@ def served(workdir: Path) -> Iterator[tuple[DriverProcess, Csi]]:
         d.stop()
 
 
-def log_growth(driver: DriverProcess, call) -> int:  # type: ignore[no-untyped-def]
+def log_growth(driver: DriverProcess, call: Callable[[], object]) -> int:
     before = driver.log.stat().st_size
     call()
     time.sleep(0.2)  # the driver's stderr is line-buffered; let the line land
@@ -48,8 +48,8 @@ def log_growth(driver: DriverProcess, call) -> int:  # type: ignore[no-untyped-d
     ids=["17KB-value", "1MB-value", "17KB-key", "300x10KB"],
 )
 def test_huge_parameters_get_invalid_argument_with_a_bounded_message_and_log(
-    served, parameters: dict[str, str]
-) -> None:  # type: ignore[no-untyped-def]
+    served: tuple[DriverProcess, Csi], parameters: dict[str, str]
+) -> None:
     driver, csi = served
     errors: list[grpc.RpcError] = []
 

@@ -31,6 +31,7 @@ from csi_driver.model import (
     AccessType,
     AttachmentKind,
     ContentSource,
+    Parameters,
     SourceKind,
     Volume,
     VolumeSpec,
@@ -164,7 +165,7 @@ def test_directory_volume_lifecycle(env: Env) -> None:
 
 def test_block_volume_reads_and_writes_through_its_loop_device(env: Env) -> None:
     backend = env.open()
-    volume = backend.create_volume(spec("blk", 16 * MiB + 1, AccessType.BLOCK))
+    volume = backend.create_volume(spec("blk", 16 * MiB + 4096, AccessType.BLOCK))
     image = env.data(volume)
     assert volume.capacity_bytes == 16 * MiB + 4096 == image.stat().st_size
     assert image.stat().st_blocks * 512 < MiB, "the image must be sparse"
@@ -320,12 +321,12 @@ def test_a_restart_loses_nothing(env: Env) -> None:
     backend.set_published(d.id, NODE, True)
     snap = backend.create_snapshot("snap", d.id, {})
     volumes, snapshots = backend.list_volumes(), backend.list_snapshots()
-    capacity = backend.capacity({})
+    capacity = backend.capacity(Parameters())
 
     backend = env.open(capacity=256 * MiB)
     assert backend.list_volumes() == volumes
     assert backend.list_snapshots() == snapshots
-    assert backend.capacity({}) == capacity
+    assert backend.capacity(Parameters()) == capacity
     assert (env.data(d) / "f").read_bytes() == b"kept"
     assert backend.get_snapshot(snap.id) == snap
     assert env.data(b).stat().st_size == 8 * MiB
@@ -338,7 +339,7 @@ def test_a_restart_rolls_back_creations_nobody_was_given(env: Env) -> None:
     from csi_driver.backends.hostpath.store import State
 
     backend = env.open(capacity=256 * MiB)
-    empty = backend.capacity({})
+    empty = backend.capacity(Parameters())
     d = backend.create_volume(spec("half-done", 16 * MiB))
     b = backend.create_volume(spec("half-done-block", 8 * MiB, AccessType.BLOCK))
     snap = backend.create_snapshot("half-snap", d.id, {})
@@ -351,7 +352,7 @@ def test_a_restart_rolls_back_creations_nobody_was_given(env: Env) -> None:
     assert backend.list_volumes() == [] and backend.list_snapshots() == []
     assert not env.data(d).exists() and not env.data(b).parent.exists()
     assert not (env.root / "snapshots" / snap.id.partition("@")[0]).exists()
-    assert backend.capacity({}) == empty
+    assert backend.capacity(Parameters()) == empty
     # the CO's late retry still gets its volume, built afresh
     again = backend.create_volume(spec("half-done", 16 * MiB))
     assert again.id == d.id and not (env.data(again) / "f").exists()
@@ -365,9 +366,9 @@ def test_running_out_of_capacity_is_resource_exhausted(env: Env) -> None:
     with pytest.raises(ResourceExhausted):
         backend.create_volume(spec("c", 16 * MiB, AccessType.BLOCK))
     assert len(list((env.root / "volumes").iterdir())) == 1
-    assert backend.capacity({}) == 8 * MiB
+    assert backend.capacity(Parameters()) == 8 * MiB
     backend.create_volume(spec("b", 8 * MiB))
-    assert backend.capacity({}) == 0
+    assert backend.capacity(Parameters()) == 0
 
 
 # --- hostile ids and planted links -------------------------------------------------------------

@@ -19,6 +19,7 @@ namespace's.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import subprocess
@@ -441,7 +442,7 @@ def test_symlinks_files_and_long_names_on_the_way_are_refused(node: Node, workdi
         stage = csi_pb2.NodeStageVolumeRequest(
             volume_id=vid, staging_target_path=str(path), volume_capability=mount_cap()
         )
-        assert rpc_code(lambda r=stage: node.csi.node.NodeStageVolume(r)) == (
+        assert rpc_code(functools.partial(node.csi.node.NodeStageVolume, stage)) == (
             grpc.StatusCode.INVALID_ARGUMENT
         ), path
     node.stage(vid)
@@ -452,7 +453,7 @@ def test_symlinks_files_and_long_names_on_the_way_are_refused(node: Node, workdi
             target_path=str(path),
             volume_capability=mount_cap(),
         )
-        assert rpc_code(lambda r=publish: node.csi.node.NodePublishVolume(r)) == (
+        assert rpc_code(functools.partial(node.csi.node.NodePublishVolume, publish)) == (
             grpc.StatusCode.INVALID_ARGUMENT
         ), path
     assert list(decoy.iterdir()) == []

@@ -89,7 +89,9 @@ def test_messages_that_quote_request_values_are_bounded() -> None:
         convert.require_abs_path("/a/../" + "b" * 4000, "target_path")
     assert len(exc.value.message) < 600
     cap = csi_pb2.VolumeCapability(
-        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(
+            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+        ),
         mount=csi_pb2.VolumeCapability.MountVolume(fs_type="f" * 100_000),
     )
     with pytest.raises(InvalidArgument) as exc:

@@ -37,7 +37,9 @@ def test_lvm_flags() -> None:
         env={},
     )
     assert cfg.lvm is not None
-    assert cfg.lvm.volume_group == "vg0" and cfg.lvm.use_nsenter and cfg.lvm.udev_sync
+    (only,) = cfg.lvm.device_classes
+    assert (only.name, only.volume_group, only.default) == ("default", "vg0", True)
+    assert cfg.lvm.use_nsenter and cfg.lvm.udev_sync
     assert cfg.hostpath is None
 
 
@@ -49,6 +51,8 @@ def test_lvm_flags() -> None:
         ["--node-id", "bad/node"],
         ["--node-id", "../x"],
         ["--backend", "lvm"],
+        ["--backend", "lvm", "--lvm-volume-group", "bad/vg"],
+        ["--backend", "lvm", "--lvm-config", "/nonexistent/lvm.json"],
         ["--hostpath-capacity", "lots"],
         ["--mode", "everything"],
         ["--driver-name", "NoDots"],
@@ -63,9 +67,38 @@ def test_bad_flags_exit_with_usage_error(
     assert "error" in capsys.readouterr().err
 
 
-def test_bad_environment_value_is_reported() -> None:
-    with pytest.raises(SystemExit):
-        parse_config(["--node-id", "n"], env={"CSI_DRIVER_MODE": "sideways"})
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"CSI_DRIVER_MODE": "sideways"}, "CSI_DRIVER_MODE"),
+        ({"CSI_DRIVER_LOG_FORMAT": "xml"}, "CSI_DRIVER_LOG_FORMAT"),
+        ({"CSI_DRIVER_GRACE_PERIOD": "soon"}, "--grace-period"),
+        ({"CSI_DRIVER_LVM_NSENTER": "perhaps"}, "--lvm-nsenter"),
+        ({"CSI_DRIVER_HOSTPATH_CAPACITY": "lots"}, "--hostpath-capacity"),
+    ],
+)
+def test_bad_environment_value_is_reported(
+    env: dict[str, str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--node-id", "n"], env=env)
+    assert exc.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_good_environment_values_are_typed() -> None:
+    cfg = parse_config(
+        ["--node-id", "n"],
+        env={
+            "CSI_DRIVER_GRACE_PERIOD": "2.5",
+            "CSI_DRIVER_LVM_UDEV_SYNC": "off",
+            "CSI_DRIVER_HOSTPATH_CAPACITY": "1Gi",
+            "CSI_DRIVER_MAX_VOLUMES_PER_NODE": "7",
+        },
+    )
+    assert cfg.grace_period == 2.5
+    assert cfg.hostpath is not None and cfg.hostpath.capacity_bytes == 1 << 30
+    assert cfg.max_volumes_per_node == 7
 
 
 def test_relative_hostpath_root_is_made_absolute() -> None:
@@ -100,3 +133,65 @@ def test_help_documents_every_flag_with_its_environment_twin(
         assert "CSI_DRIVER_" + flag.replace("-", "_").upper() in out.replace("\n", "").replace(
             " ", ""
         )
+
+
+def test_peer_channel_flags() -> None:
+    node = parse_config(
+        ["--mode", "node", "--peer-tls-dir", "/tls", "--peer-listen", "10.0.0.5:9810"], env={}
+    )
+    assert node.peer is not None and node.peer.listen == "10.0.0.5:9810"
+    assert node.peer.tls_dir == Path("/tls")
+    ctl = parse_config(
+        ["--mode", "controller", "--peer-tls-dir", "/tls", "--peer-port", "9810"],
+        env={"CSI_DRIVER_PEER_SELECTOR": "app=x", "POD_NAMESPACE": "kube-system"},
+    )
+    assert ctl.peer is not None
+    assert (ctl.peer.port, ctl.peer.namespace, ctl.peer.selector) == (9810, "kube-system", "app=x")
+    assert parse_config(["--mode", "node"], env={}).peer is None
+    # $(POD_IP):PORT on an IPv6 cluster
+    v6 = parse_config(
+        ["--mode", "node", "--peer-tls-dir", "/tls", "--peer-listen", "fd00:10::5:9820"], env={}
+    )
+    assert v6.peer is not None and v6.peer.listen == "[fd00:10::5]:9820"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--peer-tls-dir", "/tls"],  # standalone answers ControllerModifyVolume itself
+        ["--mode", "node", "--peer-tls-dir", "/tls"],
+        ["--mode", "node", "--peer-tls-dir", "/tls", "--peer-listen", "10.0.0.5"],
+        ["--mode", "node", "--peer-tls-dir", "/tls", "--peer-listen", "h:70000"],
+        ["--mode", "controller", "--peer-tls-dir", "/tls", "--peer-port", "9810"],
+        [
+            "--mode",
+            "controller",
+            "--peer-tls-dir",
+            "/t",
+            "--peer-port",
+            "0",
+            "--peer-selector",
+            "a",
+        ],
+        # the controller only calls out; flags of a channel without its TLS do nothing
+        [
+            *[
+                "--mode",
+                "controller",
+                "--peer-tls-dir",
+                "/t",
+                "--peer-port",
+                "1",
+                "--peer-selector",
+                "a",
+            ],
+            "--peer-listen",
+            "10.0.0.1:9820",
+        ],
+        ["--mode", "node", "--peer-listen", "10.0.0.5:9820"],
+        ["--mode", "controller", "--peer-port", "9820", "--peer-selector", "a"],
+    ],
+)
+def test_incomplete_peer_flags_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(argv, env={"POD_NAMESPACE": "ns"} if "0" in argv else {})

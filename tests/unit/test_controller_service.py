@@ -18,8 +18,9 @@ from csi_driver.errors import AlreadyExists, CsiError, InvalidArgument
 from csi_driver.locks import KeyLocks
 from csi_driver.proto import csi_pb2
 from csi_driver.services import pagination
-from csi_driver.services.controller import DEFAULT_VOLUME_SIZE, ControllerServicer
+from csi_driver.services.controller import ControllerServicer
 from csi_driver.services.identity import IdentityServicer
+from csi_driver.services.sizing import DEFAULT_VOLUME_SIZE
 from csi_driver.units import GiB, MiB, round_up
 
 NODE = "node-1"
@@ -39,6 +40,8 @@ class FakeBackend:
         self.volumes: dict[str, model.Volume] = {}
         self.snapshots: dict[str, model.Snapshot] = {}
         self.calls: list[tuple[str, str]] = []
+        #: how often validate_parameters ran (once per request is the rule)
+        self.validations = 0
         self.free = 10 * GiB
         self.unhealthy: str | None = None
         self.clock = 1_000
@@ -46,7 +49,8 @@ class FakeBackend:
     def health(self) -> str | None:
         return self.unhealthy
 
-    def validate_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
+    def validate_parameters(self, parameters: Mapping[str, str]) -> model.Parameters:
+        self.validations += 1
         for key, value in parameters.items():
             if key == mutable.WIPE_ON_DELETE:
                 continue
@@ -55,7 +59,7 @@ class FakeBackend:
         changes = mutable.validate_mutable(
             {k: v for k, v in parameters.items() if k == mutable.WIPE_ON_DELETE}, "fake"
         )
-        return mutable.apply({"kind": parameters.get("kind", "fast")}, changes)
+        return model.Parameters(mutable.apply({"kind": parameters.get("kind", "fast")}, changes))
 
     def validate_mutable_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
         return mutable.validate_mutable(parameters, "fake")
@@ -64,7 +68,7 @@ class FakeBackend:
         self.calls.append(("modify_volume", volume_id))
         volume = self.volumes[volume_id]
         volume = dataclasses.replace(
-            volume, parameters=model.frozen_map(mutable.apply(volume.parameters, changes))
+            volume, parameters=model.Parameters(mutable.apply(volume.parameters, changes))
         )
         self.volumes[volume_id] = volume
         return volume
@@ -72,7 +76,7 @@ class FakeBackend:
     def supported_fs_types(self) -> Sequence[str]:
         return ["ext4", "xfs"]
 
-    def round_size(self, size_bytes: int, parameters: Mapping[str, str]) -> int:
+    def round_size(self, size_bytes: int, parameters: model.Parameters) -> int:
         return round_up(max(size_bytes, 1), MiB)
 
     def create_volume(self, spec: model.VolumeSpec) -> model.Volume:
@@ -104,7 +108,7 @@ class FakeBackend:
     def list_volumes(self) -> Sequence[model.Volume]:
         return [self.volumes[k] for k in sorted(self.volumes)]
 
-    def capacity(self, parameters: Mapping[str, str]) -> int:
+    def capacity(self, parameters: model.Parameters) -> int:
         return self.free
 
     def expand_volume(self, volume_id: str, size_bytes: int) -> model.Volume:
@@ -149,6 +153,9 @@ class FakeBackend:
 
     def attach(self, volume_id: str) -> model.Attachment:
         raise AssertionError("the controller never attaches")
+
+    def locate(self, volume_id: str) -> model.Attachment | None:
+        raise AssertionError("the controller never looks for attachments")
 
     def detach(self, volume_id: str) -> None:
         raise AssertionError("the controller never detaches")
@@ -319,6 +326,45 @@ def test_same_name_is_idempotent_but_incompatible_requests_are_already_exists(
     other_fs = create_req(capacity_range=size(64 * MiB), volume_capabilities=[mount(1, "xfs")])
     assert code_of(ctl.CreateVolume, other_fs) is grpc.StatusCode.ALREADY_EXISTS
     assert backend.volumes[first.volume_id].capacity_bytes == 64 * MiB
+
+
+def test_an_existing_volume_is_checked_once_and_not_made_again(
+    ctl: ControllerServicer, backend: FakeBackend
+) -> None:
+    first = create(ctl, capacity_range=size(64 * MiB), parameters={"kind": "slow"})
+    again = create(ctl, capacity_range=size(64 * MiB), parameters={"kind": "slow"})
+    assert again == first
+    assert [c for c in backend.calls if c[0] == "create_volume"] == [("create_volume", "pvc-1")]
+    # a request without a size is answered by any size within its limit
+    assert create(ctl, capacity_range=size(0, 64 * MiB), parameters={"kind": "slow"}) == first
+    other = create_req(capacity_range=size(64 * MiB), parameters={"kind": "fast"})
+    with pytest.raises(CsiError) as exc:
+        ctl.CreateVolume(other, CTX)
+    assert "parameters are {'kind': 'slow'}, not {'kind': 'fast'}" in exc.value.message
+    clone = create_req(
+        capacity_range=size(64 * MiB),
+        parameters={"kind": "slow"},
+        volume_content_source=csi_pb2.VolumeContentSource(
+            volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=first.volume_id)
+        ),
+    )
+    assert code_of(ctl.CreateVolume, clone) is grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_parameters_are_validated_once_per_create(
+    ctl: ControllerServicer, backend: FakeBackend
+) -> None:
+    vol = create(
+        ctl,
+        parameters={"kind": "slow", "wipeOnDelete": "false"},
+        mutable_parameters={"wipeOnDelete": "True"},
+    )
+    assert backend.validations == 1
+    assert dict(backend.volumes[vol.volume_id].parameters) == {
+        "kind": "slow",
+        "wipeOnDelete": "true",  # the VolumeAttributesClass's value won
+    }
+    assert isinstance(backend.volumes[vol.volume_id].parameters, model.Parameters)
 
 
 def test_clone_and_restore_take_the_source_size(
@@ -792,7 +838,7 @@ def test_identity(backend: FakeBackend) -> None:
 
 
 def test_custom_driver_name(backend: FakeBackend, tmp_path: Path) -> None:
-    ident = IdentityServicer(make_config(driver_name="local.example.com"), backend)
+    ident = IdentityServicer(make_config(driver_name="local.example.com"), backend.health)
     assert ident.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), CTX).name == "local.example.com"
     ctl = ControllerServicer(make_config(driver_name="local.example.com"), backend, KeyLocks())
     vol = create(ctl)

@@ -10,7 +10,9 @@ tests/integration/test_hostpath_backend.py; enforced quotas in tests/vm.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,10 +43,9 @@ from csi_driver.errors import (
     Internal,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     ResourceExhausted,
 )
-from csi_driver.model import AccessType, ContentSource, SourceKind, VolumeSpec, frozen_map
+from csi_driver.model import AccessType, ContentSource, Parameters, SourceKind, VolumeSpec
 from csi_driver.system import fsinfo
 from csi_driver.system.runner import DEFAULT_TIMEOUT, CommandError, CommandResult, SubprocessRunner
 from csi_driver.units import MiB
@@ -125,7 +126,9 @@ def spec(
     source: ContentSource | None = None,
     parameters: Mapping[str, str] | None = None,
 ) -> VolumeSpec:
-    return VolumeSpec(name, size, access, fs_type, frozen_map(parameters), source)
+    """What the service edge hands over: parameters as validate_parameters returns them, a
+    size round_size gave (the backend trusts both)."""
+    return VolumeSpec(name, size, access, fs_type, Parameters(parameters), source)
 
 
 def local(volume_id: str) -> str:
@@ -261,7 +264,7 @@ def test_rows_round_trip(tmp_path: Path) -> None:
     try:
         source = ContentSource(SourceKind.SNAPSHOT, "s" + "a" * 32 + "@n")
         row = volume_row(
-            "v" + "3" * 32, parameters=frozen_map({"a": "b"}), source=source, state=State.CREATING
+            "v" + "3" * 32, parameters=Parameters({"a": "b"}), source=source, state=State.CREATING
         )
         store.insert_volume(row, with_project_id=False)
         store.set_published(row.local_id, frozenset({"n2", "n1"}))
@@ -281,12 +284,12 @@ def test_rows_round_trip(tmp_path: Path) -> None:
 
 def test_create_is_idempotent_and_the_id_comes_from_the_name(open_backend: _Opener) -> None:
     backend = open_backend()
-    first = backend.create_volume(spec("pvc-a", 3 * MiB + 1))
+    first = backend.create_volume(spec("pvc-a", 3 * MiB + 4096))
     assert first.id == ids.volume_id_for("pvc-a", NODE)
     assert first.capacity_bytes == 3 * MiB + 4096
     assert first.fs_type == backend.supported_fs_types()[0]
     assert first.context[SIZE_ENFORCED_KEY] == "false"
-    again = backend.create_volume(spec("pvc-a", 3 * MiB + 1, fs_type=first.fs_type))
+    again = backend.create_volume(spec("pvc-a", 3 * MiB + 4096, fs_type=first.fs_type))
     assert again == first
     assert backend.get_volume(first.id) == first
     assert [v.id for v in backend.list_volumes()] == [first.id]
@@ -294,18 +297,37 @@ def test_create_is_idempotent_and_the_id_comes_from_the_name(open_backend: _Open
     assert path.is_dir() and (os.stat(path).st_mode & 0o777) == 0o777
 
 
-def test_a_different_request_for_the_same_name_says_what_differs(open_backend: _Opener) -> None:
+def test_an_existing_volume_is_returned_as_it_is_and_says_what_differs(
+    open_backend: _Opener,
+) -> None:
+    """Whether it answers a request is VolumeSpec.check_existing's to say (the servicers ask it
+    first); the row carries all it compares."""
     backend = open_backend()
-    backend.create_volume(spec("pvc-a", 4 * MiB))
-    with pytest.raises(AlreadyExists, match="capacity 4194304 bytes, not 8388608"):
-        backend.create_volume(spec("pvc-a", 8 * MiB))
-    with pytest.raises(AlreadyExists, match="access type mount, not block"):
-        backend.create_volume(spec("pvc-a", 4 * MiB, AccessType.BLOCK))
-    snap = backend.create_snapshot("snap", ids.volume_id_for("pvc-a", NODE), {})
-    with pytest.raises(AlreadyExists, match="content source none"):
-        backend.create_volume(
-            spec("pvc-a", 4 * MiB, source=ContentSource(SourceKind.SNAPSHOT, snap.id))
-        )
+    volume = backend.create_volume(spec("pvc-a", 4 * MiB))
+    found = backend.get_volume(volume.id)
+    assert found == volume
+    fs_type = volume.fs_type
+    snap = backend.create_snapshot("snap", volume.id, {})
+    for other, field in (
+        (spec("pvc-a", 8 * MiB, fs_type=fs_type), "capacity is 4194304 bytes"),
+        (spec("pvc-a", 4 * MiB, AccessType.BLOCK), "access type is mount, not block"),
+        (
+            spec("pvc-a", 4 * MiB, fs_type=fs_type, parameters={"wipe": "x"}),
+            "parameters are {}, not {'wipe': 'x'}",
+        ),
+        (
+            spec(
+                "pvc-a",
+                4 * MiB,
+                fs_type=fs_type,
+                source=ContentSource(SourceKind.SNAPSHOT, snap.id),
+            ),
+            "content source is none",
+        ),
+    ):
+        with pytest.raises(AlreadyExists, match=re.escape(field)):
+            dataclasses.replace(other, required_bytes=other.capacity_bytes).check_existing(found)
+        assert backend.create_volume(other) == volume  # trusted: nothing made or changed
     assert len(backend.list_volumes()) == 1
 
 
@@ -320,15 +342,13 @@ def test_an_expanded_volume_still_answers_its_original_request(open_backend: _Op
 def test_bad_input_changes_nothing(open_backend: _Opener) -> None:
     backend = open_backend()
     with pytest.raises(InvalidArgument, match="unknown parameters \\['speed'\\]"):
-        backend.create_volume(spec("pvc-a", parameters={"speed": "fast"}))
+        backend.validate_parameters({"speed": "fast"})
     with pytest.raises(InvalidArgument, match="is not possible"):
         backend.create_volume(spec("pvc-a", fs_type=other_fs_type(backend)))
     with pytest.raises(InvalidArgument, match="block volume"):
         backend.create_volume(spec("pvc-a", access=AccessType.BLOCK, fs_type="ext4"))
     with pytest.raises(InvalidArgument):
         backend.validate_parameters({"anything": "x"})
-    with pytest.raises(InvalidArgument):
-        backend.capacity({"anything": "x"})
     with pytest.raises(InvalidArgument):
         backend.create_snapshot("s", ids.volume_id_for("x", NODE), {"k": "v"})
     with pytest.raises(NotFound):
@@ -349,14 +369,36 @@ def test_bad_input_changes_nothing(open_backend: _Opener) -> None:
 
 def test_sizes_round_up_to_whole_blocks(open_backend: _Opener) -> None:
     backend = open_backend()
-    assert backend.round_size(1, {}) == 4096
-    assert backend.round_size(0, {}) == 4096
-    assert backend.round_size(4096, {}) == 4096
-    assert backend.round_size(4097, {}) == 8192
-    block = backend.create_volume(spec("blk", 5000, AccessType.BLOCK))
+    assert backend.round_size(1, Parameters()) == 4096
+    assert backend.round_size(0, Parameters()) == 4096
+    assert backend.round_size(4096, Parameters()) == 4096
+    assert backend.round_size(4097, Parameters()) == 8192
+    block = backend.create_volume(
+        spec("blk", backend.round_size(5000, Parameters()), AccessType.BLOCK)
+    )
     image = open_backend.root / "volumes" / local(block.id) / IMAGE_NAME
     assert block.capacity_bytes == image.stat().st_size == 8192
     assert block.fs_type == "" and block.context[SIZE_ENFORCED_KEY] == "true"
+
+
+def test_the_backend_trusts_what_the_service_edge_decided(
+    open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating, counting capacity and expanding validate nothing again and allocate exactly
+    the size given (the edge rounded it)."""
+    backend = open_backend()
+    wanted = spec("pvc-a", 4 * MiB, AccessType.BLOCK, parameters={"wipeOnDelete": "true"})
+
+    def validate(parameters: Mapping[str, str]) -> None:
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(backend, "validate_parameters", validate)
+    volume = backend.create_volume(wanted)
+    assert volume.parameters == {"wipeOnDelete": "true"}
+    assert backend.capacity(wanted.parameters) == 60 * MiB
+    grown = backend.expand_volume(volume.id, 6 * MiB)
+    image = open_backend.root / "volumes" / local(volume.id) / IMAGE_NAME
+    assert grown.capacity_bytes == image.stat().st_size == 6 * MiB
 
 
 # --- capacity --------------------------------------------------------------------------------
@@ -364,9 +406,9 @@ def test_sizes_round_up_to_whole_blocks(open_backend: _Opener) -> None:
 
 def test_capacity_accounts_volumes_and_snapshots(open_backend: _Opener) -> None:
     backend = open_backend(capacity=10 * MiB)
-    assert backend.capacity({}) == 10 * MiB
+    assert backend.capacity(Parameters()) == 10 * MiB
     a = backend.create_volume(spec("a", 6 * MiB))
-    assert backend.capacity({}) == 4 * MiB
+    assert backend.capacity(Parameters()) == 4 * MiB
     with pytest.raises(ResourceExhausted, match="4194304 bytes available"):
         backend.create_volume(spec("b", 6 * MiB))
     with pytest.raises(ResourceExhausted):
@@ -376,17 +418,17 @@ def test_capacity_accounts_volumes_and_snapshots(open_backend: _Opener) -> None:
     assert backend.get_volume(a.id) == a  # nothing changed
     assert storage(open_backend.root) == [f"volumes/{local(a.id)}"]
     backend.create_volume(spec("b", 4 * MiB))
-    assert backend.capacity({}) == 0
+    assert backend.capacity(Parameters()) == 0
     backend.delete_volume(a.id)
-    assert backend.capacity({}) == 6 * MiB
+    assert backend.capacity(Parameters()) == 6 * MiB
     # the total is kept across restarts
-    assert open_backend(capacity=10 * MiB).capacity({}) == 6 * MiB
+    assert open_backend(capacity=10 * MiB).capacity(Parameters()) == 6 * MiB
 
 
 def test_without_a_configured_capacity_the_filesystem_is_the_limit(open_backend: _Opener) -> None:
     backend = open_backend(capacity=None)
     room = fsinfo.space(open_backend.root)
-    assert 0 < backend.capacity({}) <= room.free_bytes
+    assert 0 < backend.capacity(Parameters()) <= room.free_bytes
     with pytest.raises(ResourceExhausted):
         backend.create_volume(spec("huge", room.total_bytes + MiB))
     assert storage(open_backend.root) == []
@@ -417,11 +459,12 @@ def test_a_create_killed_half_way_is_rolled_back_at_restart_and_redone_by_its_re
     assert not (open_backend.root / "volumes" / local(volume_id)).exists()
     assert backend.get_volume(volume_id) is None
     assert backend.list_volumes() == []
-    assert backend.capacity({}) == 64 * MiB  # nothing reserved for a retry that may never come
+    # nothing reserved for a retry that may never come
+    assert backend.capacity(Parameters()) == 64 * MiB
     volume = backend.create_volume(spec("pvc-a", 4 * MiB))
     assert volume.id == volume_id
     assert list((open_backend.root / "volumes" / local(volume_id)).iterdir()) == []
-    assert backend.capacity({}) == 60 * MiB
+    assert backend.capacity(Parameters()) == 60 * MiB
 
 
 def test_an_unfinished_create_gives_way_to_a_changed_request(
@@ -435,7 +478,7 @@ def test_an_unfinished_create_gives_way_to_a_changed_request(
     volume = open_backend().create_volume(spec("pvc-a", 8 * MiB, AccessType.BLOCK))
     assert volume.capacity_bytes == 8 * MiB and volume.access_type is AccessType.BLOCK
     assert open_backend.current is not None
-    assert open_backend.current.capacity({}) == 56 * MiB
+    assert open_backend.current.capacity(Parameters()) == 56 * MiB
 
 
 def test_a_delete_killed_half_way_is_finished_at_start(
@@ -464,7 +507,7 @@ def test_a_delete_killed_half_way_is_finished_at_start(
     assert backend.wait_for_background(10)  # volume deletions finish in the background
     assert backend._store.volume(local(volume.id)) is None
     assert storage(open_backend.root) == []
-    assert backend.capacity({}) == 64 * MiB
+    assert backend.capacity(Parameters()) == 64 * MiB
 
 
 def _interrupt_a_wiping_delete(
@@ -500,7 +543,7 @@ def test_an_interrupted_wipe_is_finished_in_the_background_and_its_retry_waits_f
     assert backend.health() is None
     # Until the storage is gone: its capacity stays counted, a retry of the deletion and a
     # create of the same name answer ABORTED (in progress), the volume is gone for the CO.
-    assert backend.capacity({}) == 56 * MiB
+    assert backend.capacity(Parameters()) == 56 * MiB
     with pytest.raises(Aborted, match="being deleted"):
         backend.delete_volume(volume_id)
     with pytest.raises(Aborted, match="being deleted"):
@@ -511,7 +554,7 @@ def test_an_interrupted_wipe_is_finished_in_the_background_and_its_retry_waits_f
     backend.delete_volume(volume_id)  # the retry, now OK
     assert not data.parent.exists()
     assert backend._store.volume(local(volume_id)) is None
-    assert backend.capacity({}) == 64 * MiB
+    assert backend.capacity(Parameters()) == 64 * MiB
 
 
 def test_a_backend_closed_during_a_background_wipe_leaves_it_to_the_next_start(
@@ -541,7 +584,7 @@ def test_a_backend_closed_during_a_background_wipe_leaves_it_to_the_next_start(
     backend = open_backend()
     assert backend.wait_for_background(10)
     assert backend._store.volume(local(volume_id)) is None and not data.parent.exists()
-    assert backend.capacity({}) == 64 * MiB
+    assert backend.capacity(Parameters()) == 64 * MiB
 
 
 def test_leaked_storage_is_removed_at_start_and_foreign_files_are_left(
@@ -595,7 +638,7 @@ def test_a_failed_copy_is_rolled_back(open_backend: _Opener, runner: FailingRunn
     assert storage(open_backend.root) == before
     assert backend._store.volume(local(ids.volume_id_for("clone", NODE))) is None
     assert backend.list_snapshots() == []
-    assert backend.capacity({}) == 60 * MiB
+    assert backend.capacity(Parameters()) == 60 * MiB
     runner.fail.clear()
     clone = backend.create_volume(
         spec("clone", 4 * MiB, source=ContentSource(SourceKind.VOLUME, source.id))
@@ -633,24 +676,17 @@ def test_snapshot_names_and_sources(open_backend: _Opener) -> None:
     assert backend.get_snapshot(snap.id) is None
 
 
-def test_content_sources_must_fit(open_backend: _Opener) -> None:
+def test_content_sources_must_be_of_the_same_access_type(open_backend: _Opener) -> None:
+    """(That a source fits the size asked for is services/sizing.py's to say, before.)"""
     backend = open_backend()
     a = backend.create_volume(spec("a", 8 * MiB))
     snap = backend.create_snapshot("snap", a.id, {})
-    with pytest.raises(OutOfRange, match="more than the requested"):
-        backend.create_volume(
-            spec("small", 4 * MiB, source=ContentSource(SourceKind.SNAPSHOT, snap.id))
-        )
-    with pytest.raises(OutOfRange):
-        backend.create_volume(spec("small", 4 * MiB, source=ContentSource(SourceKind.VOLUME, a.id)))
     with pytest.raises(InvalidArgument, match="mount snapshot"):
         backend.create_volume(
             spec(
                 "blk", 8 * MiB, AccessType.BLOCK, source=ContentSource(SourceKind.SNAPSHOT, snap.id)
             )
         )
-    with pytest.raises(AlreadyExists, match="content source none"):
-        backend.create_volume(spec("a", 8 * MiB, source=ContentSource(SourceKind.VOLUME, a.id)))
     assert [v.id for v in backend.list_volumes()] == [a.id]
 
 

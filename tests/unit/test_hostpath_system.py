@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,31 +23,14 @@ from csi_driver.system.quota import (
     project_of,
     quotable_path,
 )
-from csi_driver.system.runner import DEFAULT_TIMEOUT, CommandError, CommandResult
+from csi_driver.system.runner import CommandError
+from tests.fake_runner import FakeRunner, result
 
-Handler = Callable[[tuple[str, ...]], str]
 
-
-class Recorder:
-    """Records argv and answers with ``handler(argv)`` as stdout (which may raise)."""
-
-    def __init__(self, handler: Handler | None = None) -> None:
-        self.calls: list[tuple[str, ...]] = []
-        self.handler = handler
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        check: bool = True,
-        input: str | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> CommandResult:
-        assert timeout > 0
-        self.calls.append(tuple(argv))
-        out = self.handler(tuple(argv)) if self.handler else ""
-        return CommandResult(tuple(argv), 0, out, "", 0.0)
+def recorder(handler: Callable[[tuple[str, ...]], str] | None = None) -> FakeRunner:
+    """A runner that records argv and answers with ``handler(argv)`` as stdout (which may
+    raise)."""
+    return FakeRunner((lambda argv: result(argv, out=handler(argv))) if handler else None)
 
 
 def losetup_json(*devices: tuple[str, str, bool]) -> str:
@@ -70,12 +53,12 @@ def test_attach_reuses_a_live_device_and_skips_one_that_is_clearing(tmp_path: Pa
     image = tmp_path / "disk.img"
     image.write_bytes(b"")
     listed = losetup_json(("/dev/loop1", str(image), True), ("/dev/loop2", str(image), False))
-    runner = Recorder(lambda argv: listed if "--list" in argv else "/dev/loop9\n")
+    runner = recorder(lambda argv: listed if "--list" in argv else "/dev/loop9\n")
     assert Loops(runner).attach(image) == "/dev/loop2"
     assert len(runner.calls) == 1
 
     clearing = losetup_json(("/dev/loop1", str(image), True))
-    runner = Recorder(lambda argv: clearing if "--list" in argv else "/dev/loop9\n")
+    runner = recorder(lambda argv: clearing if "--list" in argv else "/dev/loop9\n")
     assert Loops(runner).attach(image) == "/dev/loop9"
     assert runner.calls[-1] == (
         "losetup",
@@ -90,7 +73,7 @@ def test_attach_reuses_a_live_device_and_skips_one_that_is_clearing(tmp_path: Pa
 def test_attach_rejects_odd_losetup_output(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(b"")
-    runner = Recorder(lambda argv: "" if "--list" in argv else "something else")
+    runner = recorder(lambda argv: "" if "--list" in argv else "something else")
     with pytest.raises(LoopError, match="instead of a loop device"):
         Loops(runner).attach(image)
 
@@ -106,7 +89,7 @@ def test_detach_and_refresh_touch_every_device_of_the_image(tmp_path: Path) -> N
             detached.add(argv[-1])
         return "" if detached >= {"/dev/loop1", "/dev/loop2"} else listed
 
-    runner = Recorder(losetup)
+    runner = recorder(losetup)
     assert Loops(runner).refresh(image) == ["/dev/loop1"]
     assert runner.calls[-1] == ("losetup", "--set-capacity", "/dev/loop1")
     assert Loops(runner).detach_all(image) == ["/dev/loop1", "/dev/loop2"]
@@ -127,16 +110,16 @@ def test_detach_waits_a_little_for_a_device_held_open_elsewhere(
             return listed if len(lists) < 4 else ""
         return ""
 
-    assert Loops(Recorder(losetup)).detach_all(image, settle=5.0) == ["/dev/loop1"]
+    assert Loops(recorder(losetup)).detach_all(image, settle=5.0) == ["/dev/loop1"]
     assert len(lists) == 4  # polled until the holder let go
     lists.clear()
-    never = Recorder(lambda argv: listed if "--list" in argv else "")
+    never = recorder(lambda argv: listed if "--list" in argv else "")
     assert Loops(never).detach_all(image, settle=0.1) == ["/dev/loop1"]
     assert "still open elsewhere" in caplog.text
 
 
 def test_a_missing_image_has_no_devices_and_costs_no_command(tmp_path: Path) -> None:
-    runner = Recorder()
+    runner = recorder()
     assert Loops(runner).detach_all(tmp_path / "gone.img") == []
     assert runner.calls == []
 
@@ -149,7 +132,7 @@ def test_losetup_failure_names_the_image(tmp_path: Path) -> None:
         raise CommandError(argv, 1, "", "losetup: failed to set up loop device")
 
     with pytest.raises(LoopError, match=r"disk\.img"):
-        Loops(Recorder(fail)).attach(image)
+        Loops(recorder(fail)).attach(image)
 
 
 def mount(fs_type: str, super_options: tuple[str, ...]) -> MountInfo:
@@ -165,7 +148,7 @@ def test_which_mounts_enforce_project_quotas() -> None:
 
 
 def test_quota_commands_are_argument_lists_with_numbers_only() -> None:
-    runner = Recorder()
+    runner = recorder()
     quota = XfsProjectQuota(runner, "/srv")
     quota.set_limit(1000001, 64 << 20)
     assert runner.calls == [
@@ -189,7 +172,7 @@ def test_quota_commands_are_argument_lists_with_numbers_only() -> None:
 
 
 def test_assign_refuses_paths_that_need_quoting_and_checks_the_result(tmp_path: Path) -> None:
-    runner = Recorder()
+    runner = recorder()
     quota = XfsProjectQuota(runner, "/srv")
     for bad in ("/srv/with space", "/srv/semi;colon", "relative", "/srv/quote'"):
         assert not quotable_path(bad)

@@ -16,18 +16,19 @@ from typing import Any
 import grpc
 import pytest
 
+from csi_driver import ids
 from csi_driver.backends.lvm import tags as lvtags
 from csi_driver.backends.lvm.backend import LvmBackend
-from csi_driver.backends.lvm.classes import (
+from csi_driver.backends.lvm.lvm2 import csi_error, parse_fullreport
+from csi_driver.config.device_classes import (
     DeviceClass,
     DeviceClassError,
     load_device_classes,
     parse_device_classes,
 )
-from csi_driver.backends.lvm.lvm2 import csi_error, parse_fullreport
-from csi_driver.config import LvmConfig
 from csi_driver.errors import CsiError
 from csi_driver.model import AccessType, ContentSource, SourceKind, VolumeSpec
+from csi_driver.services import sizing
 from csi_driver.system.runner import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -169,13 +170,17 @@ def backend(lvm: FakeLvm) -> LvmBackend:
     return b
 
 
-def spec(name: str = "pvc-1", size: int = 100 * MiB, **kw: Any) -> VolumeSpec:
+def spec(backend: LvmBackend, name: str = "pvc-1", size: int = 100 * MiB, **kw: Any) -> VolumeSpec:
+    """A CreateVolume as the service edge hands it over: the parameters validated once, the
+    size rounded (services/sizing.py); the backend trusts both."""
+    parameters = backend.validate_parameters(kw.pop("parameters", {}))
     return VolumeSpec(
         name=name,
-        capacity_bytes=size,
+        capacity_bytes=sizing.create_size(backend, parameters, size),
         access_type=kw.pop("access_type", AccessType.MOUNT),
         fs_type=kw.pop("fs_type", "ext4"),
-        parameters=kw.pop("parameters", {}),
+        parameters=parameters,
+        required_bytes=size,
         **kw,
     )
 
@@ -206,7 +211,7 @@ def test_device_classes_from_json_file(tmp_path: Path) -> None:
             }
         )
     )
-    fast, bulk = load_device_classes(LvmConfig(config_file=path, volume_group=None))
+    fast, bulk = load_device_classes(path, None)
     assert (fast.volume_group, fast.thin_pool, fast.default_lv_type) == ("nvme", "p0", "thin")
     assert fast.overprovision_ratio == 4.0 and fast.reserved_bytes == GiB
     assert (bulk.default_lv_type, bulk.mirrors, bulk.default) == ("raid1", 2, False)
@@ -215,9 +220,9 @@ def test_device_classes_from_json_file(tmp_path: Path) -> None:
 def test_device_classes_from_yaml_and_from_a_single_vg(tmp_path: Path) -> None:
     path = tmp_path / "lvm.yaml"
     path.write_text("deviceClasses:\n  - name: only\n    volumeGroup: vg1\n")
-    (only,) = load_device_classes(LvmConfig(config_file=path, volume_group=None))
+    (only,) = load_device_classes(path, None)
     assert only.default and only.default_lv_type == "linear"
-    (single,) = load_device_classes(LvmConfig(config_file=None, volume_group="vg2"))
+    (single,) = load_device_classes(None, "vg2")
     assert (single.name, single.volume_group, single.default) == ("default", "vg2", True)
 
 
@@ -396,7 +401,7 @@ def test_bad_parameters_are_invalid_and_touch_nothing(
     backend: LvmBackend, lvm: FakeLvm, params: dict[str, str]
 ) -> None:
     with pytest.raises(CsiError) as exc:
-        backend.create_volume(spec(parameters=params))
+        backend.create_volume(spec(backend, parameters=params))
     assert code(exc) == grpc.StatusCode.INVALID_ARGUMENT
     assert "lvcreate" not in lvm.commands()
 
@@ -405,7 +410,7 @@ def test_bad_parameters_are_invalid_and_touch_nothing(
 
 
 def test_thin_create_is_one_report_and_one_lvcreate(backend: LvmBackend, lvm: FakeLvm) -> None:
-    volume = backend.create_volume(spec(size=100 * MiB + 1))
+    volume = backend.create_volume(spec(backend, size=100 * MiB + 1))
     assert lvm.commands() == ["fullreport", "lvcreate"]
     create = lvm.calls[1]
     assert create[create.index("--virtualsize") + 1] == f"{104 * MiB}b"  # whole extents
@@ -416,13 +421,14 @@ def test_thin_create_is_one_report_and_one_lvcreate(backend: LvmBackend, lvm: Fa
     assert backend.get_volume(volume.id) == volume
     # the same request again: found, nothing created
     lvm.calls.clear()
-    assert backend.create_volume(spec(size=100 * MiB + 1)) == volume
+    assert backend.create_volume(spec(backend, size=100 * MiB + 1)) == volume
     assert lvm.commands() == ["fullreport"]
 
 
 def test_striped_and_raid1_ask_lvm2_for_them(backend: LvmBackend, lvm: FakeLvm) -> None:
     backend.create_volume(
         spec(
+            backend,
             "s",
             parameters={
                 "deviceClass": "thick",
@@ -438,25 +444,35 @@ def test_striped_and_raid1_ask_lvm2_for_them(backend: LvmBackend, lvm: FakeLvm) 
     assert create[create.index("--stripesize") + 1] == "128k"
     assert int(create[create.index("--size") + 1].rstrip("b")) % (3 * EXTENT) == 0
     assert create[-1] == "vg0" and "--wipesignatures" in create
-    backend.create_volume(spec("r", parameters={"deviceClass": "thick", "lvType": "raid1"}))
+    backend.create_volume(
+        spec(backend, "r", parameters={"deviceClass": "thick", "lvType": "raid1"})
+    )
     create = lvm.calls[-1]
     assert create[create.index("--type") + 1] == "raid1"
     assert create[create.index("--mirrors") + 1] == "1"
 
 
-def test_same_name_with_other_arguments_already_exists(backend: LvmBackend, lvm: FakeLvm) -> None:
-    backend.create_volume(spec(size=100 * MiB))
-    for other in (
-        spec(size=200 * MiB),
-        spec(access_type=AccessType.BLOCK, fs_type=""),
-        spec(fs_type="xfs"),
-        spec(parameters={"lvType": "linear"}),
+def test_an_existing_volume_is_returned_as_it_is_and_says_what_differs(
+    backend: LvmBackend, lvm: FakeLvm
+) -> None:
+    """Whether it answers a request is VolumeSpec.check_existing's to say (the servicers ask it
+    first); the LV's tags carry all it compares."""
+    volume = backend.create_volume(spec(backend, size=100 * MiB))
+    found = backend.get_volume(volume.id)
+    assert found == volume
+    spec(backend, size=100 * MiB).check_existing(found)
+    for other, difference in (
+        (spec(backend, size=200 * MiB), "capacity is 104857600 bytes"),
+        (spec(backend, access_type=AccessType.BLOCK, fs_type=""), "access type is mount"),
+        (spec(backend, fs_type="xfs"), "fs_type is 'ext4'"),
+        (spec(backend, parameters={"lvType": "linear"}), "'lvType': 'thin'"),
     ):
-        lvm.calls.clear()
-        with pytest.raises(CsiError) as exc:
-            backend.create_volume(other)
+        with pytest.raises(CsiError, match=difference) as exc:
+            other.check_existing(found)
         assert code(exc) == grpc.StatusCode.ALREADY_EXISTS
-        assert "lvcreate" not in lvm.commands()
+        lvm.calls.clear()
+        assert backend.create_volume(other) == volume  # trusted: nothing made or changed
+        assert lvm.commands() == ["fullreport"]
 
 
 def test_thin_capacity_honours_ratio_and_reserve(lvm: FakeLvm) -> None:
@@ -469,20 +485,23 @@ def test_thin_capacity_honours_ratio_and_reserve(lvm: FakeLvm) -> None:
         reserved_bytes=GiB // 2,
     )
     backend = LvmBackend([cls], NODE, lvm)
-    assert backend.capacity({}) == 3 * GiB  # (2 GiB - 0.5 GiB) * 2
-    backend.create_volume(spec(size=GiB))
-    assert backend.capacity({}) == 2 * GiB
+    assert backend.capacity(backend.validate_parameters({})) == 3 * GiB  # (2 GiB - 0.5 GiB) * 2
+    backend.create_volume(spec(backend, size=GiB))
+    assert backend.capacity(backend.validate_parameters({})) == 2 * GiB
     lvm.calls.clear()
     with pytest.raises(CsiError) as exc:
-        backend.create_volume(spec("big", size=3 * GiB))
+        backend.create_volume(spec(backend, "big", size=3 * GiB))
     assert code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "2147483648 bytes available" in exc.value.message
     assert "lvcreate" not in lvm.commands()
 
 
 def test_thick_capacity_is_vg_free_space_per_leg(backend: LvmBackend, lvm: FakeLvm) -> None:
-    assert backend.capacity({"deviceClass": "thick"}) == 8 * GiB
-    assert backend.capacity({"deviceClass": "thick", "lvType": "raid1"}) == 4 * GiB - EXTENT
+    assert backend.capacity(backend.validate_parameters({"deviceClass": "thick"})) == 8 * GiB
+    assert (
+        backend.capacity(backend.validate_parameters({"deviceClass": "thick", "lvType": "raid1"}))
+        == 4 * GiB - EXTENT
+    )
 
 
 def test_lvm2_no_space_is_resource_exhausted(backend: LvmBackend, lvm: FakeLvm) -> None:
@@ -490,7 +509,7 @@ def test_lvm2_no_space_is_resource_exhausted(backend: LvmBackend, lvm: FakeLvm) 
         ["lvcreate"], 5, stderr="  Insufficient suitable allocatable extents for logical volume"
     )
     with pytest.raises(CsiError) as exc:
-        backend.create_volume(spec(parameters={"deviceClass": "thick"}))
+        backend.create_volume(spec(backend, parameters={"deviceClass": "thick"}))
     assert code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "Insufficient suitable allocatable extents" in exc.value.message
 
@@ -500,15 +519,15 @@ def test_missing_volume_group_is_failed_precondition_and_not_ready(lvm: FakeLvm)
     backend = LvmBackend([THIN], NODE, lvm)
     assert "volume group 'vg0'" in (backend.health() or "")
     with pytest.raises(CsiError) as exc:
-        backend.create_volume(spec())
+        backend.create_volume(spec(backend))
     assert code(exc) == grpc.StatusCode.FAILED_PRECONDITION
-    assert backend.capacity({}) == 0
+    assert backend.capacity(backend.validate_parameters({})) == 0
 
 
 def test_lvm2_timeout_is_deadline_exceeded(backend: LvmBackend, lvm: FakeLvm) -> None:
     lvm.fail["lvcreate"] = CommandError(["lvcreate"], None, timed_out=True)
     with pytest.raises(CsiError) as exc:
-        backend.create_volume(spec())
+        backend.create_volume(spec(backend))
     assert code(exc) == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -516,7 +535,7 @@ def test_lvm2_timeout_is_deadline_exceeded(backend: LvmBackend, lvm: FakeLvm) ->
 
 
 def test_thick_volume_snapshot_is_failed_precondition(backend: LvmBackend, lvm: FakeLvm) -> None:
-    volume = backend.create_volume(spec(parameters={"deviceClass": "thick"}))
+    volume = backend.create_volume(spec(backend, parameters={"deviceClass": "thick"}))
     lvm.calls.clear()
     with pytest.raises(CsiError) as exc:
         backend.create_snapshot("snap", volume.id, {})
@@ -526,7 +545,7 @@ def test_thick_volume_snapshot_is_failed_precondition(backend: LvmBackend, lvm: 
 
 
 def test_snapshot_and_restore_use_thin_snapshots(backend: LvmBackend, lvm: FakeLvm) -> None:
-    volume = backend.create_volume(spec(size=64 * MiB))
+    volume = backend.create_volume(spec(backend, size=64 * MiB))
     snap = backend.create_snapshot("snap", volume.id, {})
     create = lvm.calls[-1]
     assert "--snapshot" in create and create[-1] == f"vg0/{volume.id.partition('@')[0]}"
@@ -535,7 +554,12 @@ def test_snapshot_and_restore_use_thin_snapshots(backend: LvmBackend, lvm: FakeL
     assert backend.list_snapshots() == [snap]
     lvm.calls.clear()
     restored = backend.create_volume(
-        spec("restored", size=128 * MiB, content_source=ContentSource(SourceKind.SNAPSHOT, snap.id))
+        spec(
+            backend,
+            "restored",
+            size=128 * MiB,
+            content_source=ContentSource(SourceKind.SNAPSHOT, snap.id),
+        )
     )
     assert lvm.commands() == ["fullreport", "lvcreate", "lvextend"]
     assert "--ignoreactivationskip" in lvm.calls[1]
@@ -546,8 +570,40 @@ def test_snapshot_and_restore_use_thin_snapshots(backend: LvmBackend, lvm: FakeL
     assert code(exc) == grpc.StatusCode.ALREADY_EXISTS
 
 
+def test_a_clone_killed_before_its_growth_is_finished_by_the_retry(
+    backend: LvmBackend, lvm: FakeLvm
+) -> None:
+    """A clone bigger than its source is lvcreate then lvextend; a kill between the two leaves
+    a smaller clone. It is no volume until grown (never listed, snapshotted or cloned), and
+    the CreateVolume retry grows it instead of refusing it as a mismatch."""
+    volume = backend.create_volume(spec(backend, size=64 * MiB))
+    snap = backend.create_snapshot("snap", volume.id, {})
+    request = spec(
+        backend, "grown", size=128 * MiB, content_source=ContentSource(SourceKind.SNAPSHOT, snap.id)
+    )
+    lvm.fail["lvextend"] = CommandError(["lvextend"], 137, "", "killed")
+    with pytest.raises(CsiError):
+        backend.create_volume(request)
+    del lvm.fail["lvextend"]
+    clone_id = ids.volume_id_for("grown", NODE)
+    assert clone_id.partition("@")[0] in lvm.lvs  # the smaller clone is there
+    assert backend.get_volume(clone_id) is None
+    assert [v.id for v in backend.list_volumes()] == [volume.id]
+    with pytest.raises(CsiError) as exc:
+        backend.create_snapshot("of-unfinished", clone_id, {})
+    assert code(exc) == grpc.StatusCode.NOT_FOUND
+    lvm.calls.clear()
+    grown = backend.create_volume(request)
+    assert lvm.commands() == ["fullreport", "lvextend", "fullreport"]
+    assert grown.id == clone_id and grown.capacity_bytes == 128 * MiB
+    assert backend.get_volume(clone_id) == grown
+    # grown past what it was made for later (ControllerExpandVolume): still a finished volume
+    backend.expand_volume(clone_id, 256 * MiB)
+    assert backend.get_volume(clone_id) is not None
+
+
 def test_published_or_open_volume_is_not_deleted(backend: LvmBackend, lvm: FakeLvm) -> None:
-    volume = backend.create_volume(spec())
+    volume = backend.create_volume(spec(backend))
     backend.set_published(volume.id, "n1", True)
     with pytest.raises(CsiError) as exc:
         backend.delete_volume(volume.id)
@@ -573,7 +629,7 @@ def test_a_bind_mounted_device_node_keeps_its_volume(
 ) -> None:
     """A published block volume is a bind mount of the LV's device node: it does not open the
     device, so lvremove would not refuse; the mount table does."""
-    volume = backend.create_volume(spec(access_type=AccessType.BLOCK, fs_type=""))
+    volume = backend.create_volume(spec(backend, access_type=AccessType.BLOCK, fs_type=""))
     name = volume.id.partition("@")[0]
     device = tmp_path / "dm-7"  # stands for /dev/dm-7
     device.touch()
@@ -603,7 +659,7 @@ def test_a_wipe_once_begun_outlives_its_cancelled_request(
 ) -> None:
     """Killed by the cancelled RPC, a long wipe would start again from nothing on every retry;
     so the wipe and the removal after it are not bound to the RPC."""
-    volume = backend.create_volume(spec(parameters={"wipeOnDelete": "true"}))
+    volume = backend.create_volume(spec(backend, parameters={"wipeOnDelete": "true"}))
     seen: list[tuple[str, CancelToken | None]] = []
     fake_run = lvm.run
 
@@ -633,7 +689,7 @@ def test_foreign_logical_volumes_are_invisible(backend: LvmBackend, lvm: FakeLvm
 
 
 def test_expand_is_one_report_and_one_lvextend(backend: LvmBackend, lvm: FakeLvm) -> None:
-    volume = backend.create_volume(spec(size=64 * MiB))
+    volume = backend.create_volume(spec(backend, size=64 * MiB))
     lvm.calls.clear()
     grown = backend.expand_volume(volume.id, 100 * MiB)
     assert lvm.commands() == ["fullreport", "lvextend"]
@@ -644,3 +700,37 @@ def test_expand_is_one_report_and_one_lvextend(backend: LvmBackend, lvm: FakeLvm
     with pytest.raises(CsiError) as exc:
         backend.expand_volume(volume.id, 100 * GiB)
     assert code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_backend_trusts_what_the_service_edge_decided(
+    backend: LvmBackend, lvm: FakeLvm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parameters are validated once, at the edge: creating, sizing, counting capacity and
+    expanding never validate them again (nor round a size again)."""
+    thick = spec(backend, size=64 * MiB, parameters={"deviceClass": "thick"})
+
+    def validate(parameters: Mapping[str, str]) -> None:
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(backend, "validate_parameters", validate)
+    assert backend.round_size(MiB, thick.parameters) == EXTENT
+    assert backend.capacity(thick.parameters) == 8 * GiB
+    volume = backend.create_volume(thick)
+    assert volume.capacity_bytes == 64 * MiB
+    grown = backend.expand_volume(volume.id, 96 * MiB)
+    assert grown.capacity_bytes == 96 * MiB
+    extend = lvm.calls[-1]
+    assert extend[0] == "lvextend" and extend[extend.index("--size") + 1] == f"{96 * MiB}b"
+
+
+def test_a_volume_of_a_class_no_longer_configured_cannot_be_sized(
+    backend: LvmBackend, lvm: FakeLvm
+) -> None:
+    volume = backend.create_volume(spec(backend, parameters={"deviceClass": "thick"}))
+    only_thin = LvmBackend([THIN], NODE, lvm, udev_sync=False)
+    found = only_thin.get_volume(volume.id)
+    assert found is not None
+    with pytest.raises(CsiError) as exc:
+        only_thin.round_size(200 * MiB, found.parameters)
+    assert code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "deviceClass 'thick' is not configured" in exc.value.message

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi_driver.metrics import Metrics, MetricsServer, parse_address
+from csi_driver.config import split_host_port
+from csi_driver.metrics import Metrics, MetricsServer
 
 
 @contextlib.contextmanager
@@ -118,11 +119,11 @@ def test_a_hanging_health_check_answers_503_and_is_run_once() -> None:
         (":9808", ("", 9808)),
     ],
 )
-def test_parse_address(value: str, expected: tuple[str, int]) -> None:
-    assert parse_address(value) == expected
+def test_split_host_port(value: str, expected: tuple[str, int]) -> None:
+    assert split_host_port(value) == expected
 
 
 @pytest.mark.parametrize("value", ["9808", "host:", "host:port", "$(POD_IP)", "h:70000"])
-def test_parse_address_refuses(value: str) -> None:
+def test_split_host_port_refuses(value: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
-        parse_address(value)
+        split_host_port(value)

@@ -7,7 +7,6 @@ The real commands are exercised by tests/integration/test_node.py.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,8 @@ from csi_driver.system.mountcalls import (
     MountCalls,
 )
 from csi_driver.system.mounter import Mounter, MountError, parse_mountinfo
-from csi_driver.system.runner import DEFAULT_TIMEOUT, CommandError, CommandResult
+from csi_driver.system.runner import CommandResult
+from tests.fake_runner import FakeRunner, result
 
 MOUNTINFO = (
     b"22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard\n"
@@ -35,40 +35,6 @@ MOUNTINFO = (
     b"this line is not mountinfo\n"
     b"33 22 254:0 /srv/vols/v1 /mnt/other rw - ext4 /dev/vda rw\n"
 )
-
-Handler = Callable[[tuple[str, ...]], CommandResult | None]
-
-
-class FakeRunner:
-    """Records argv; ``handler`` may return a result, raise, or return None for success."""
-
-    def __init__(self, handler: Handler | None = None) -> None:
-        self.calls: list[tuple[str, ...]] = []
-        self.timeouts: list[float] = []
-        self.handler = handler
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        check: bool = True,
-        input: str | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> CommandResult:
-        args = tuple(argv)
-        self.calls.append(args)
-        self.timeouts.append(timeout)
-        result = self.handler(args) if self.handler else None
-        if result is None:
-            result = CommandResult(args, 0, "", "", 0.0)
-        if check and result.returncode != 0:
-            raise CommandError(args, result.returncode, result.stdout, result.stderr)
-        return result
-
-
-def result(argv: tuple[str, ...], rc: int = 0, out: str = "", err: str = "") -> CommandResult:
-    return CommandResult(argv, rc, out, err, 0.0)
 
 
 @pytest.fixture

@@ -20,36 +20,18 @@ from csi_driver.config import Config, parse_endpoint
 from csi_driver.errors import CsiError, InvalidArgument, NotFound
 from csi_driver.locks import KeyLocks
 from csi_driver.proto import csi_pb2
+from csi_driver.services import sizing
 from csi_driver.services.node import NodeServicer
 from csi_driver.system.filesystem import Filesystems, Signature
 from csi_driver.system.mountcalls import Attributes, MountCalls
 from csi_driver.system.mounter import Mounter
-from csi_driver.system.runner import DEFAULT_TIMEOUT, CommandResult
+from tests.fake_runner import FakeRunner
 from tests.requests import block_cap, mount_cap
 
 NODE = "node-1"
 #: the servicer never uses its context; the interceptor owns statuses
 CTX = cast(grpc.ServicerContext, None)
 MODE = csi_pb2.VolumeCapability.AccessMode
-
-
-class FakeRunner:
-    """Records argv and succeeds (the mount table is a file the test controls)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, ...]] = []
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        check: bool = True,
-        input: str | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> CommandResult:
-        self.calls.append(tuple(argv))
-        return CommandResult(tuple(argv), 0, "", "", 0.0)
 
 
 class FakeBackend:
@@ -72,23 +54,29 @@ class FakeBackend:
     def health(self) -> str | None:
         return None
 
-    def validate_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
+    def validate_parameters(self, parameters: Mapping[str, str]) -> model.Parameters:
         unknown = sorted(set(parameters) - {"class"})
         if unknown:
             raise InvalidArgument(f"unknown parameters {unknown}")
-        return dict(parameters)
+        return model.Parameters(parameters)
 
     def supported_fs_types(self) -> Sequence[str]:
         return ("ext4", "xfs")
 
-    def round_size(self, size_bytes: int, parameters: Mapping[str, str]) -> int:
+    def round_size(self, size_bytes: int, parameters: model.Parameters) -> int:
         return size_bytes
 
     def create_volume(self, spec: model.VolumeSpec) -> model.Volume:
         self.calls.append(("create", spec.name))
         vid = ids.volume_id_for(spec.name, NODE)
         vol = model.Volume(
-            vid, spec.name, spec.capacity_bytes, spec.access_type, spec.fs_type, NODE
+            vid,
+            spec.name,
+            spec.capacity_bytes,
+            spec.access_type,
+            spec.fs_type,
+            NODE,
+            spec.parameters,
         )
         self.volumes.setdefault(vid, vol)
         return self.volumes[vid]
@@ -679,6 +667,31 @@ def test_ephemeral_failure_keeps_a_volume_that_existed_before(env: Env) -> None:
     env.backend.fail_attach = CsiError("attach broke")
     assert code_of(lambda: ephemeral_publish(env, {})) == grpc.StatusCode.INTERNAL
     assert len(env.backend.volumes) == 1
+
+
+def test_ephemeral_size_comes_from_the_context_or_the_one_default(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes: list[int] = []
+
+    def create_volume(spec: model.VolumeSpec) -> model.Volume:
+        sizes.append(spec.capacity_bytes)
+        raise CsiError("seen enough")
+
+    monkeypatch.setattr(env.backend, "create_volume", create_volume)
+    for context in ({"size": "64Mi"}, {}):
+        assert code_of(lambda c=context: ephemeral_publish(env, c)) == grpc.StatusCode.INTERNAL
+    assert sizes == [64 << 20, sizing.DEFAULT_VOLUME_SIZE]
+
+
+def test_ephemeral_retry_that_does_not_match_its_volume_is_already_exists(env: Env) -> None:
+    env.backend.create_volume(
+        model.VolumeSpec("csi-0123abcd", 1 << 20, model.AccessType.MOUNT, "ext4")
+    )
+    with pytest.raises(CsiError, match="capacity is 1048576 bytes") as exc:
+        ephemeral_publish(env, {"size": "64Mi"})
+    assert exc.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert ("attach", ids.volume_id_for("csi-0123abcd", NODE)) not in env.backend.calls
 
 
 def test_unpublish_of_an_unknown_foreign_id_is_ok(env: Env) -> None:

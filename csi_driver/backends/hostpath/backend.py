@@ -14,7 +14,7 @@ grammar first, so no id can name a path outside the root.
 
 Crash safety: every change is written to the database before the storage is touched.
 Creating inserts a ``creating`` row, builds the storage and marks the row ``ready``; a retry
-of the same request finds the unfinished row and builds again from scratch (nothing of an
+finds the unfinished row, clears it away and builds again from scratch (nothing of an
 unfinished volume was ever handed out). Deleting marks the row ``deleting``, removes the
 storage, then removes the row. At start the backend rolls back every ``creating`` row (the
 CO's retry creates the volume afresh) and
@@ -30,7 +30,8 @@ it is cancelled: a wipe redone from the start by every retry might never finish.
 else a cancelled RPC leaves as a kill would: its commands are killed, no further one starts
 (a creation's row stays ``creating``), and the retry or the next start finishes the work.
 
-Sizes: a volume's size is accounted against the capacity (the configured one, else the size
+Sizes: a volume is exactly as big as it is asked to be (whole blocks, as ``round_size`` told
+the caller). Its size is accounted against the capacity (the configured one, else the size
 of the root's filesystem) and against the free space of the filesystem. A directory volume's
 size is enforced only when the root is on XFS mounted with ``prjquota``: each directory gets
 an XFS project with a hard limit of its size. Elsewhere sizes are accounted, not enforced;
@@ -71,7 +72,6 @@ from csi_driver.errors import (
     Internal,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     ResourceExhausted,
 )
 from csi_driver.locks import BlockingKeyLocks
@@ -80,6 +80,7 @@ from csi_driver.model import (
     Attachment,
     AttachmentKind,
     ContentSource,
+    Parameters,
     Snapshot,
     SourceKind,
     Volume,
@@ -135,7 +136,6 @@ class _Source:
 
     source: ContentSource
     data: Path  # the directory or image to copy from
-    size_bytes: int
 
 
 class _Stopped(Exception):
@@ -187,8 +187,6 @@ class HostPathBackend:
     ) -> None:
         if capacity_bytes is not None and capacity_bytes <= 0:
             raise ValueError(f"hostpath capacity must be positive, got {capacity_bytes}")
-        if not ids.NODE_ID_RE.match(node_id):
-            raise ValueError(f"node id {node_id!r} cannot be part of a volume id")
         root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
         self.root = Path(os.path.realpath(root))
         self._capacity = capacity_bytes
@@ -467,14 +465,14 @@ class HostPathBackend:
             return f"state database {self._store.path} cannot be read: {exc}"
         return None
 
-    def validate_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
+    def validate_parameters(self, parameters: Mapping[str, str]) -> Parameters:
         unknown = sorted(set(parameters) - set(PARAMETERS))
         if unknown:
             accepted = f"it accepts {sorted(PARAMETERS)}" if PARAMETERS else "it takes none"
             raise InvalidArgument(
                 f"unknown parameters {unknown} for the hostpath backend; {accepted}"
             )
-        return frozen_map(mutable.apply({}, mutable.validate_mutable(parameters, "hostpath")))
+        return Parameters(mutable.apply({}, mutable.validate_mutable(parameters, "hostpath")))
 
     def validate_mutable_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
         return mutable.validate_mutable(parameters, "hostpath")
@@ -494,11 +492,10 @@ class HostPathBackend:
     def supported_fs_types(self) -> Sequence[str]:
         return [self._fs_type]
 
-    def round_size(self, size_bytes: int, parameters: Mapping[str, str]) -> int:
+    def round_size(self, size_bytes: int, parameters: Parameters) -> int:
         return max(ALLOCATION_UNIT, round_up(size_bytes, ALLOCATION_UNIT))
 
-    def capacity(self, parameters: Mapping[str, str]) -> int:
-        self.validate_parameters(parameters)
+    def capacity(self, parameters: Parameters) -> int:
         with self._alloc:
             return self._available()
 
@@ -550,41 +547,15 @@ class HostPathBackend:
             )
         return self._fs_type
 
-    @staticmethod
-    def _differences(row: VolumeRow, wanted: VolumeRow) -> list[str]:
-        """Why ``row`` cannot serve as ``wanted``. A bigger volume (one expanded since) serves
-        a smaller request; the caller checks capacity limits."""
-        out = []
-        if row.name != wanted.name:
-            out.append(f"the id belongs to volume {row.name!r}")
-        if row.capacity_bytes < wanted.capacity_bytes:
-            out.append(f"capacity {row.capacity_bytes} bytes, not {wanted.capacity_bytes}")
-        if row.access_type is not wanted.access_type:
-            out.append(f"access type {row.access_type.value}, not {wanted.access_type.value}")
-        if row.fs_type != wanted.fs_type:
-            out.append(f"fs_type {row.fs_type!r}, not {wanted.fs_type!r}")
-        if mutable.immutable(row.parameters) != mutable.immutable(wanted.parameters):
-            out.append(f"parameters {dict(row.parameters)}, not {dict(wanted.parameters)}")
-        if row.source != wanted.source:
-            have = f"{row.source.kind.value} {row.source.id}" if row.source else "none"
-            want = f"{wanted.source.kind.value} {wanted.source.id}" if wanted.source else "none"
-            out.append(f"content source {have}, not {want}")
-        return out
-
     def create_volume(self, spec: VolumeSpec) -> Volume:
-        parameters = self.validate_parameters(spec.parameters)
-        if spec.capacity_bytes <= 0:
-            raise InvalidArgument(f"capacity must be positive, got {spec.capacity_bytes}")
-        if not spec.name:
-            raise InvalidArgument("a volume needs a name")
         wanted = VolumeRow(
             local_id=ids.volume_id_for(spec.name, self._node).partition("@")[0],
             name=spec.name,
             state=State.CREATING,
-            capacity_bytes=self.round_size(spec.capacity_bytes, parameters),
+            capacity_bytes=spec.capacity_bytes,
             access_type=spec.access_type,
             fs_type=self._fs_type_for(spec),
-            parameters=parameters,
+            parameters=spec.parameters,
             source=spec.content_source,
             created_ns=time.time_ns(),
         )
@@ -592,29 +563,19 @@ class HostPathBackend:
         self._refuse_while_finishing(wanted.local_id)
         with self._keys.hold(wanted.local_id, source_local):
             row = self._store.volume(wanted.local_id)
+            if row is not None and row.state is State.READY:
+                return self._to_volume(row)  # the caller found that it answers the request
             if row is not None:
-                differences = self._differences(row, wanted)
-                if row.state is State.READY:
-                    if differences:
-                        raise AlreadyExists(
-                            f"volume {spec.name!r} already exists with " + "; ".join(differences)
-                        )
-                    return self._to_volume(row)
-                if row.state is State.DELETING or differences:
-                    # A volume being deleted, or an unfinished one nobody was ever given
-                    # (the request changed since): clear it away and start afresh.
-                    with bound_to(None):
-                        self._finish_volume_delete(row)
-                    row = None
+                # A volume being deleted, or an unfinished one nobody was ever given: clear
+                # it away and start afresh (a retry rebuilds from scratch anyway).
+                with bound_to(None):
+                    self._finish_volume_delete(row)
             source = self._check_source(spec.content_source, wanted)
-            if row is None:
-                with self._alloc:
-                    self._reserve(wanted.capacity_bytes, f"volume {spec.name!r}")
-                    row = self._store.insert_volume(
-                        wanted, with_project_id=wanted.access_type is AccessType.MOUNT
-                    )
-            else:
-                log.info(f"completing the unfinished creation of volume {spec.name!r}")
+            with self._alloc:
+                self._reserve(wanted.capacity_bytes, f"volume {spec.name!r}")
+                row = self._store.insert_volume(
+                    wanted, with_project_id=wanted.access_type is AccessType.MOUNT
+                )
             try:
                 with _system_errors(f"create volume {spec.name!r}"):
                     self._build_volume(row, source)
@@ -654,26 +615,21 @@ class HostPathBackend:
             snap = self._store.snapshot(local) if local else None
             if snap is None or snap.state is not State.READY:
                 raise NotFound(f"source snapshot {source.id!r} does not exist")
-            access, size, base = snap.access_type, snap.size_bytes, self._snapshot_path(local)
+            access, base = snap.access_type, self._snapshot_path(local)
         else:
             vol = self._store.volume(local) if local else None
             if vol is None or vol.state is not State.READY:
                 raise NotFound(f"source volume {source.id!r} does not exist")
-            access, size, base = vol.access_type, vol.capacity_bytes, self._volume_path(local)
+            access, base = vol.access_type, self._volume_path(local)
         if access is not wanted.access_type:
             raise InvalidArgument(
                 f"source {what} {source.id!r} is a {access.value} {what}; a"
                 f" {wanted.access_type.value} volume cannot be made from it"
             )
-        if size > wanted.capacity_bytes:
-            raise OutOfRange(
-                f"source {what} {source.id!r} holds {size} bytes, more than the requested"
-                f" {wanted.capacity_bytes}"
-            )
         data = self._data(base, access)
         if data is None:
             raise FailedPrecondition(f"the data of source {what} {source.id!r} ({base}) is missing")
-        return _Source(source, data, size)
+        return _Source(source, data)
 
     def _build_volume(self, row: VolumeRow, source: _Source | None) -> None:
         path = self._volume_path(row.local_id)
@@ -831,12 +787,11 @@ class HostPathBackend:
         row = self._ready_volume(volume_id)
         with self._keys.hold(row.local_id):
             row = self._ready_volume(volume_id)
-            size = self.round_size(size_bytes, row.parameters)
-            if size <= row.capacity_bytes:
+            if size_bytes <= row.capacity_bytes:
                 return self._to_volume(row)
             path = self._volume_path(row.local_id)
             with self._alloc, _system_errors(f"expand volume {volume_id!r}"):
-                self._reserve(size - row.capacity_bytes, f"growing volume {volume_id!r}")
+                self._reserve(size_bytes - row.capacity_bytes, f"growing volume {volume_id!r}")
                 # Storage first: a kill before the row is updated leaves a retry to do it all
                 # again, which is harmless; the other order would lose the growth.
                 if row.access_type is AccessType.BLOCK:
@@ -845,11 +800,11 @@ class HostPathBackend:
                         raise FailedPrecondition(
                             f"the image {path / IMAGE_NAME} of {volume_id!r} is missing"
                         )
-                    self._grow_image(image, size)
+                    self._grow_image(image, size_bytes)
                 elif self._quota is not None and row.project_id is not None:
-                    self._quota.set_limit(row.project_id, size)
-                self._store.set_volume_capacity(row.local_id, size)
-            log.info("expanded volume", extra={"volume_id": volume_id, "bytes": size})
+                    self._quota.set_limit(row.project_id, size_bytes)
+                self._store.set_volume_capacity(row.local_id, size_bytes)
+            log.info("expanded volume", extra={"volume_id": volume_id, "bytes": size_bytes})
             return self._to_volume(self._ready_volume(volume_id))
 
     def set_published(self, volume_id: str, node_id: str, published: bool) -> None:

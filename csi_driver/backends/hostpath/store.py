@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csi_driver.model import AccessType, ContentSource, SourceKind, frozen_map
+from csi_driver.model import AccessType, ContentSource, Parameters, SourceKind
 
 SCHEMA_VERSION = 1
 #: project ids are handed out from here up; small numbers are left to the host's admin
@@ -106,7 +106,8 @@ class VolumeRow:
     capacity_bytes: int
     access_type: AccessType
     fs_type: str
-    parameters: Mapping[str, str] = field(default_factory=frozen_map)
+    #: what the backend's validate_parameters returned, with any mutable changes since
+    parameters: Parameters = field(default_factory=Parameters)
     source: ContentSource | None = None
     project_id: int | None = None
     published: frozenset[str] = frozenset()
@@ -153,7 +154,7 @@ def _volume(row: tuple[object, ...]) -> VolumeRow:
         capacity_bytes=int(str(capacity)),
         access_type=AccessType(access),
         fs_type=str(fs_type),
-        parameters=frozen_map(json.loads(str(params))),
+        parameters=Parameters(json.loads(str(params))),
         source=source,
         project_id=None if pid is None else int(str(pid)),
         published=frozenset(json.loads(str(pub))),

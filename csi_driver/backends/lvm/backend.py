@@ -28,6 +28,7 @@ written. ``wipeOnDelete: "true"`` also discards (thin) or zeroes (thick) an LV b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -38,7 +39,8 @@ from types import MappingProxyType
 from csi_driver import bounded, ids
 from csi_driver.backends import mutable
 from csi_driver.backends.lvm import tags as lvtags
-from csi_driver.backends.lvm.classes import (
+from csi_driver.backends.lvm.lvm2 import LogicalVolume, Lvm2, VolumeGroup
+from csi_driver.config.device_classes import (
     LV_TYPES,
     MAX_MIRRORS,
     MAX_STRIPES,
@@ -46,7 +48,6 @@ from csi_driver.backends.lvm.classes import (
     DeviceClassError,
     parse_stripe_size,
 )
-from csi_driver.backends.lvm.lvm2 import LogicalVolume, Lvm2, VolumeGroup
 from csi_driver.errors import (
     AlreadyExists,
     CsiError,
@@ -54,7 +55,6 @@ from csi_driver.errors import (
     Internal,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     ResourceExhausted,
 )
 from csi_driver.locks import BlockingKeyLocks
@@ -63,6 +63,7 @@ from csi_driver.model import (
     Attachment,
     AttachmentKind,
     ContentSource,
+    Parameters,
     Snapshot,
     SourceKind,
     Volume,
@@ -114,13 +115,9 @@ class LvmBackend:
         udev_sync: bool = True,
         mountinfo: str = MOUNTINFO,
     ) -> None:
-        if not ids.NODE_ID_RE.match(node_id):
-            raise ValueError(f"node id {node_id!r} cannot be part of a volume id")
-        defaults = [c for c in classes if c.default]
-        if not classes or len(defaults) != 1:
-            raise DeviceClassError("exactly one device class must be the default")
+        # configuration made sure there is exactly one default (config/device_classes.py)
         self._classes = {c.name: c for c in classes}
-        self._default = defaults[0]
+        self._default = next(c for c in classes if c.default)
         self._vgs = sorted({c.volume_group for c in classes})
         self._node = node_id
         self._runner = runner
@@ -241,7 +238,7 @@ class LvmBackend:
             access_type=meta.access_type,
             fs_type=meta.fs_type,
             node_id=self._node,
-            parameters=frozen_map(meta.parameters),
+            parameters=Parameters(meta.parameters),
             content_source=source,
             context=frozen_map(context),
             published_nodes=meta.published,
@@ -272,24 +269,20 @@ class LvmBackend:
             self._health = (time.monotonic(), reason)
             return reason
 
-    def validate_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
+    def validate_parameters(self, parameters: Mapping[str, str]) -> Parameters:
         unknown = sorted(set(parameters) - set(PARAMETERS))
         if unknown:
             raise InvalidArgument(
                 f"unknown parameters {unknown} for the lvm backend; it accepts {sorted(PARAMETERS)}"
             )
-        name = parameters.get("deviceClass", self._default.name)
-        cls = self._classes.get(name)
-        if cls is None:
-            raise InvalidArgument(
-                f"deviceClass {name!r} is not configured on node {self._node}; known:"
-                f" {sorted(self._classes)}"
-            )
+        cls = self._class_for(parameters, InvalidArgument)
         lv_type = parameters.get("lvType", cls.default_lv_type)
         if lv_type not in LV_TYPES:
             raise InvalidArgument(f"lvType {lv_type!r} is not one of {list(LV_TYPES)}")
         if lv_type == "thin" and not cls.thin_pool:
-            raise InvalidArgument(f"lvType thin needs a device class with a thinPool, not {name!r}")
+            raise InvalidArgument(
+                f"lvType thin needs a device class with a thinPool, not {cls.name!r}"
+            )
         out = {"deviceClass": cls.name, "lvType": lv_type}
         if lv_type == "striped":
             stripes = parameters.get("stripes", str(cls.stripes or 2))
@@ -320,7 +313,7 @@ class LvmBackend:
         changes = mutable.validate_mutable(
             {k: v for k, v in parameters.items() if k in mutable.MUTABLE_PARAMETERS}, "lvm"
         )
-        return frozen_map(mutable.apply(out, changes))
+        return Parameters(mutable.apply(out, changes))
 
     def validate_mutable_parameters(self, parameters: Mapping[str, str]) -> Mapping[str, str]:
         return mutable.validate_mutable(parameters, "lvm")
@@ -347,16 +340,29 @@ class LvmBackend:
             return extent * int(parameters.get("stripes", "2"))
         return extent
 
-    def round_size(self, size_bytes: int, parameters: Mapping[str, str]) -> int:
-        p = self.validate_parameters(parameters)
-        unit = self._unit(self._classes[p["deviceClass"]], p)
+    def _class_for(
+        self, parameters: Mapping[str, str], missing: type[CsiError] = FailedPrecondition
+    ) -> DeviceClass:
+        """The device class parameters name (the default when they name none). A request
+        naming an unknown one is INVALID_ARGUMENT; a volume whose class has been taken out of
+        the configuration since is FAILED_PRECONDITION."""
+        name = parameters.get("deviceClass", self._default.name)
+        cls = self._classes.get(name)
+        if cls is None:
+            raise missing(
+                f"deviceClass {name!r} is not configured on node {self._node}; known:"
+                f" {sorted(self._classes)}"
+            )
+        return cls
+
+    def round_size(self, size_bytes: int, parameters: Parameters) -> int:
+        unit = self._unit(self._class_for(parameters), parameters)
         return max(unit, round_up(size_bytes, unit))
 
-    def capacity(self, parameters: Mapping[str, str]) -> int:
-        p = self.validate_parameters(parameters)
-        cls = self._classes[p["deviceClass"]]
+    def capacity(self, parameters: Parameters) -> int:
+        cls = self._class_for(parameters)
         vg = self._report().get(cls.volume_group)
-        return 0 if vg is None else self._available(vg, cls, p)
+        return 0 if vg is None else self._available(vg, cls, parameters)
 
     @staticmethod
     def _legs(parameters: Mapping[str, str]) -> int:
@@ -397,12 +403,20 @@ class LvmBackend:
     # --- volumes -----------------------------------------------------------------------------
 
     def get_volume(self, volume_id: str) -> Volume | None:
+        """The volume, or None; a clone still being made is not a volume yet (CreateVolume's
+        retry finishes it)."""
         local = self._local(volume_id, "v")
         found = self._find(self._report(), local) if local else None
-        return self._to_volume(*found) if found else None
+        if found is None or found[1].unfinished(found[0].size_bytes):
+            return None
+        return self._to_volume(*found)
 
     def list_volumes(self) -> Sequence[Volume]:
-        return [self._to_volume(lv, meta) for lv, meta in self._ours(self._report(), "volume")]
+        return [
+            self._to_volume(lv, meta)
+            for lv, meta in self._ours(self._report(), "volume")
+            if not meta.unfinished(lv.size_bytes)
+        ]
 
     def _volume_local(self, volume_id: str) -> str:
         local = self._local(volume_id, "v")
@@ -414,7 +428,7 @@ class LvmBackend:
         self, groups: Mapping[str, VolumeGroup], volume_id: str
     ) -> tuple[LogicalVolume, lvtags.Meta]:
         found = self._find(groups, self._volume_local(volume_id))
-        if found is None:
+        if found is None or found[1].unfinished(found[0].size_bytes):
             raise NotFound(f"volume {volume_id!r} does not exist")
         return found
 
@@ -436,14 +450,9 @@ class LvmBackend:
         return fs
 
     def create_volume(self, spec: VolumeSpec) -> Volume:
-        p = self.validate_parameters(spec.parameters)
-        if not spec.name:
-            raise InvalidArgument("a volume needs a name")
-        if spec.capacity_bytes <= 0:
-            raise InvalidArgument(f"capacity must be positive, got {spec.capacity_bytes}")
-        cls = self._classes[p["deviceClass"]]
+        p, size = spec.parameters, spec.capacity_bytes
+        cls = self._class_for(p)
         fs = self._fs_type_for(spec, p)
-        size = self.round_size(spec.capacity_bytes, p)
         local = ids.volume_id_for(spec.name, self._node).partition("@")[0]
         source_local = ""
         if spec.content_source is not None:
@@ -466,8 +475,12 @@ class LvmBackend:
         with self._keys.hold(local, source_local), self._alloc:
             groups = self._report()
             existing = self._find(groups, local)
+            if existing is not None and existing[1].unfinished(existing[0].size_bytes):
+                lv, meta = existing  # a clone a kill left between lvcreate and lvextend
+                self._lvm.extend(lv.vg, lv.name, meta.grow_to)
+                existing = self._find(self._report(), local)
             if existing is not None:
-                return self._existing(groups, *existing, meta, size, cls)
+                return self._to_volume(*existing)  # the caller found that it answers the request
             vg = groups.get(cls.volume_group)
             if vg is None:
                 raise FailedPrecondition(
@@ -496,7 +509,7 @@ class LvmBackend:
                 extra={"volume_id": self._id(local), "vg": vg.name, "bytes": size},
             )
             # What lvcreate made, without another report: lvm2 sizes are whole extents (and
-            # stripes), which round_size already is.
+            # stripes), and the size came from round_size.
             return self._to_volume(self._new_lv(vg.name, local, size), meta)
 
     @staticmethod
@@ -516,48 +529,6 @@ class LvmBackend:
             health="",
         )
 
-    def _existing(
-        self,
-        groups: Mapping[str, VolumeGroup],
-        lv: LogicalVolume,
-        have: lvtags.Meta,
-        wanted: lvtags.Meta,
-        size: int,
-        cls: DeviceClass,
-    ) -> Volume:
-        """The answer to a CreateVolume whose LV exists: the same volume, or ALREADY_EXISTS."""
-        problems = []
-        if have.name != wanted.name:
-            problems.append(f"the id belongs to volume {have.name!r}")
-        if have.access_type is not wanted.access_type:
-            problems.append(f"access type {have.access_type.value}")
-        if have.fs_type != wanted.fs_type:
-            problems.append(f"fs_type {have.fs_type!r}")
-        if mutable.immutable(have.parameters) != mutable.immutable(wanted.parameters):
-            problems.append(f"parameters {dict(have.parameters)}")
-        if have.source_local != wanted.source_local:
-            problems.append(
-                f"content source {self._id(have.source_local) if have.source_local else 'none'}"
-            )
-        if lv.size_bytes < size and not (have.source_local and not problems):
-            problems.append(f"capacity {lv.size_bytes} bytes")
-        if problems:
-            raise AlreadyExists(
-                f"volume {wanted.name!r} already exists with " + "; ".join(problems)
-            )
-        if lv.size_bytes < size:
-            # A clone whose growth to the requested size was interrupted: finish it.
-            vg = groups[lv.vg]
-            self._check_room(
-                vg, cls, have.parameters, size - lv.size_bytes, f"volume {wanted.name!r}"
-            )
-            self._lvm.extend(lv.vg, lv.name, size)
-            found = self._find(self._report(), lv.name)
-            if found is None:
-                raise Internal(f"{lv.vg}/{lv.name} vanished while it was being extended")
-            lv, have = found
-        return self._to_volume(lv, have)
-
     def _clone(
         self,
         groups: Mapping[str, VolumeGroup],
@@ -571,7 +542,7 @@ class LvmBackend:
         assert meta.source is not None
         what = f"source {meta.source.kind.value} {self._id(meta.source_local)!r}"
         found = self._find(groups, meta.source_local)
-        if found is None:
+        if found is None or found[1].unfinished(found[0].size_bytes):
             raise NotFound(f"{what} does not exist")
         src, src_meta = found
         if not src.is_thin:
@@ -594,9 +565,10 @@ class LvmBackend:
             raise InvalidArgument(
                 f"{what} holds an {src_meta.fs_type} filesystem, not {meta.fs_type}"
             )
-        if src.size_bytes > size:
-            raise OutOfRange(f"{what} holds {src.size_bytes} bytes, more than the requested {size}")
         self._check_room(vg, cls, p, size, f"volume {meta.name!r}")
+        if size > src.size_bytes:
+            # recorded with the clone, so a kill before the lvextend is finished by the retry
+            meta = dataclasses.replace(meta, grow_to=size)
         self._lvm.clone(vg.name, src.name, local, lvtags.encode(meta))
         if size > src.size_bytes:
             self._lvm.extend(vg.name, local, size)
@@ -670,19 +642,18 @@ class LvmBackend:
         with self._keys.hold(self._volume_local(volume_id)), self._alloc:
             groups = self._report()
             lv, meta = self._found_volume(groups, volume_id)
+            if size_bytes <= lv.size_bytes:
+                return self._to_volume(lv, meta)
             p = meta.parameters
             if "lvType" not in p:
                 p = {**p, "lvType": "thin" if lv.is_thin else "linear"}
             cls = self._class_of(lv, meta)
-            size = max(size_bytes, round_up(size_bytes, self._unit(cls, p)))
-            if size <= lv.size_bytes:
-                return self._to_volume(lv, meta)
             self._check_room(
-                groups[lv.vg], cls, p, size - lv.size_bytes, f"growing volume {volume_id!r}"
+                groups[lv.vg], cls, p, size_bytes - lv.size_bytes, f"growing volume {volume_id!r}"
             )
-            self._lvm.extend(lv.vg, lv.name, size)
-            log.info("expanded volume", extra={"volume_id": volume_id, "bytes": size})
-            return self._to_volume(LogicalVolume(**{**lv.__dict__, "size_bytes": size}), meta)
+            self._lvm.extend(lv.vg, lv.name, size_bytes)
+            log.info("expanded volume", extra={"volume_id": volume_id, "bytes": size_bytes})
+            return self._to_volume(LogicalVolume(**{**lv.__dict__, "size_bytes": size_bytes}), meta)
 
     def set_published(self, volume_id: str, node_id: str, published: bool) -> None:
         with self._keys.hold(self._volume_local(volume_id)):
@@ -750,7 +721,7 @@ class LvmBackend:
                     )
                 return self._to_snapshot(lv, meta)
             found = self._find(groups, source_local) if source_local else None
-            if found is None:
+            if found is None or found[1].unfinished(found[0].size_bytes):
                 raise NotFound(f"source volume {source_volume_id!r} does not exist")
             src, src_meta = found
             if not src.is_thin:

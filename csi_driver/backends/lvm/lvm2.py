@@ -49,15 +49,8 @@ _LV_FIELDS = (
 )
 
 #: lvm2 object names: what lvcreate accepts and nothing that could be read as an option or path
-_NAME = re.compile(r"\A[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}\Z")
 #: LV tags: lvm2 accepts these characters (lvm(8), "Tags")
 TAG = re.compile(r"\A[A-Za-z0-9_+.\-/=!:&#]{1,1024}\Z")
-
-
-def check_name(value: str, what: str) -> str:
-    if not _NAME.match(value) or value in (".", ".."):
-        raise ValueError(f"{what} {value!r} is not a valid lvm2 name")
-    return value
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ else the driver needs to answer for it is a tag ``nlc.<key>=<value>``:
 ``nlc.p.<key>``    a StorageClass parameter, normalised (device class, lvType, ...)
 ``nlc.src``        the local id of the volume's content source or of a snapshot's volume
 ``nlc.ct``         creation time, nanoseconds since the epoch
+``nlc.grow``       of a clone bigger than its source: the size it is made for, in bytes;
+                   smaller than that, it is still being made (the retry extends it)
 ``nlc.pub``        a node the volume is published to (ControllerPublishVolume), one each
 =================  ======================================================================
 
@@ -53,6 +55,12 @@ class Meta:
     source_local: str = ""  # "v..." or "s..." (a volume's content source, a snapshot's origin)
     created_ns: int = 0
     published: frozenset[str] = frozenset()
+    grow_to: int = 0  # a clone's size once made, when it exceeds its source's
+
+    def unfinished(self, size_bytes: int) -> bool:
+        """True for a clone that has not reached the size it is made for (a kill came
+        between its lvcreate and its lvextend)."""
+        return size_bytes < self.grow_to
 
     @property
     def source(self) -> ContentSource | None:
@@ -82,6 +90,8 @@ def encode(meta: Meta) -> list[str]:
             raise ValueError(f"malformed source {meta.source_local!r}")
         tags.append(f"{PREFIX}src={meta.source_local}")
     tags.append(f"{PREFIX}ct={int(meta.created_ns)}")
+    if meta.grow_to:
+        tags.append(f"{PREFIX}grow={int(meta.grow_to)}")
     for node in sorted(meta.published):
         tags.append(published_tag(node))
     return tags
@@ -130,6 +140,7 @@ def decode(tags: Iterable[str]) -> Meta | None:
     try:
         access = AccessType(values.get("access", "mount"))
         created = int(values.get("ct", "0"))
+        grow_to = int(values.get("grow", "0"))
     except ValueError:
         return None
     source = values.get("src", "")
@@ -144,4 +155,5 @@ def decode(tags: Iterable[str]) -> Meta | None:
         source_local=source,
         created_ns=created,
         published=frozenset(published),
+        grow_to=grow_to,
     )

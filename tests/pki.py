@@ -1,4 +1,5 @@
-"""The e2e cluster's certificates and kubeconfigs, made with openssl at every start.
+"""Throw-away certificates made with openssl: the e2e cluster's, and the peer channel's in the
+integration tests.
 
 One throw-away CA signs everything; keys are EC P-256 (fast to generate on a 2-core machine).
 The identities are the ones the Node authorizer and the default RBAC roles expect.

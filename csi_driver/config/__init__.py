@@ -1,4 +1,5 @@
-"""Configuration, parsed and validated once at start into a typed object."""
+"""Configuration, parsed and validated once at start into frozen objects: :class:`Config` and
+its parts; the lvm backend's device classes are in :mod:`.device_classes`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csi_driver import DEFAULT_DRIVER_NAME
+from csi_driver.config.device_classes import DeviceClass
+from csi_driver.ids import check_node_id
 
 
 class Mode(enum.Enum):
@@ -56,6 +59,24 @@ class Endpoint:
         return f"{self.scheme}://{self.address}"
 
 
+def split_host_port(value: str, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``IPv6:PORT`` (what ``$(POD_IP):PORT`` in a manifest
+    becomes on an IPv6 cluster) as (host without brackets, port); an empty host means every
+    address. The one parser of listen addresses (metrics, the peer channel)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} must be HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def host_port(value: str, what: str = "address") -> str:
+    """``HOST:PORT`` with an IPv6 host in brackets, as gRPC wants it."""
+    host, port = split_host_port(value, what)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_endpoint(value: str) -> Endpoint:
     if value.startswith("unix://"):
         path = value[len("unix://") :]
@@ -81,10 +102,28 @@ class HostPathConfig:
 
 @dataclass(frozen=True)
 class LvmConfig:
-    config_file: Path | None  # device classes from a YAML/JSON file
-    volume_group: str | None  # or a single default device class on this VG
+    #: parsed and checked at start (exactly one default; device_classes.py)
+    device_classes: tuple[DeviceClass, ...]
     use_nsenter: bool = False  # run lvm2 in the host's mount namespace
     udev_sync: bool = True
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """The channel on which the controller Deployment hands ControllerModifyVolume to the node
+    plugin that holds the volume (docs/deploy.md), authenticated both ways by TLS: each side
+    presents a certificate from its own CA and trusts only the other side's CA."""
+
+    #: ``ca.crt`` (the CA of the other side), ``tls.crt`` and ``tls.key`` (this side's)
+    tls_dir: Path
+    #: node mode: the HOST:PORT the node plugin serves the forwarded calls on (an IPv6 host in
+    #: brackets: :func:`host_port` makes it so)
+    listen: str | None = None
+    #: controller mode: the port the node plugins listen on, the namespace of their pods and
+    #: the label selector that finds them
+    port: int | None = None
+    namespace: str | None = None
+    selector: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +142,8 @@ class Config:
     grace_period: float = 10.0
     #: staging and target paths must lie strictly below this directory (never a symlink on the way)
     kubelet_dir: Path = Path("/var/lib/kubelet")
+    #: the controller-to-node channel (node and controller mode, when the chart enables it)
+    peer: PeerConfig | None = None
 
     @property
     def topology_key(self) -> str:
@@ -118,5 +159,30 @@ class Config:
             raise ValueError(
                 f"kubelet dir {str(self.kubelet_dir)!r} must be an absolute directory other than /"
             )
-        if not self.node_id or len(self.node_id) > 128:
-            raise ValueError("node id must be 1 to 128 characters")
+        check_node_id(self.node_id)
+        if self.metrics_address is not None:
+            split_host_port(self.metrics_address, "--metrics-address")
+        if self.peer is not None:
+            self._check_peer(self.peer)
+
+    def _check_peer(self, peer: PeerConfig) -> None:
+        if self.mode is Mode.STANDALONE:
+            raise ValueError(
+                "the peer channel (--peer-*) joins a controller and node plugins; a standalone"
+                " driver serves ControllerModifyVolume itself"
+            )
+        if self.mode is Mode.NODE and not peer.listen:
+            raise ValueError("--peer-tls-dir in node mode needs --peer-listen HOST:PORT")
+        if self.mode is Mode.CONTROLLER and peer.listen:
+            raise ValueError("--peer-listen is for node mode: the controller only calls out")
+        if self.mode is Mode.NODE and peer.listen:
+            host, port = split_host_port(peer.listen, "--peer-listen")
+            if not host or port == 0:
+                raise ValueError(f"--peer-listen must be HOST:PORT, got {peer.listen!r}")
+        if self.mode is Mode.CONTROLLER and not (
+            peer.port and 0 < peer.port < 65536 and peer.namespace and peer.selector
+        ):
+            raise ValueError(
+                "--peer-tls-dir in controller mode needs --peer-port (1-65535),"
+                " --peer-namespace and --peer-selector"
+            )

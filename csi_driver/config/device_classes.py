@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from csi_driver.backends.lvm.lvm2 import check_name
-from csi_driver.config import LvmConfig
 from csi_driver.units import KiB, parse_bytes
 
 #: lvType values: what lvcreate makes of them
@@ -42,6 +41,17 @@ _KEYS = {
     "stripeSize",
     "mirrors",
 }
+
+
+#: volume group, thin pool and LV names: lvm2's rule (lvm(8), "Valid names")
+_LVM_NAME = re.compile(r"\A[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}\Z")
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` if lvm2 accepts it as a VG, pool or LV name; else ValueError naming ``what``."""
+    if not _LVM_NAME.match(value) or value in (".", ".."):
+        raise ValueError(f"{what} {value!r} is not a valid lvm2 name")
+    return value
 
 
 class DeviceClassError(ValueError):
@@ -167,17 +177,20 @@ def parse_device_classes(doc: object) -> list[DeviceClass]:
     return classes
 
 
-def load_device_classes(config: LvmConfig) -> Sequence[DeviceClass]:
-    """The device classes of ``config``: its file, or its single volume group."""
-    if config.config_file is None:
-        if not config.volume_group:
+def load_device_classes(
+    config_file: Path | None, volume_group: str | None
+) -> tuple[DeviceClass, ...]:
+    """The device classes of the lvm backend: from its file, or one on a single volume group.
+    Read once at start; the result always has exactly one default class."""
+    if config_file is None:
+        if not volume_group:
             raise DeviceClassError("the lvm backend needs --lvm-config or --lvm-volume-group")
         try:
-            vg = check_name(config.volume_group, "volume group")
+            vg = check_name(volume_group, "volume group")
         except ValueError as exc:
             raise DeviceClassError(str(exc)) from exc
-        return [DeviceClass(name="default", volume_group=vg, default=True)]
-    path = config.config_file
+        return (DeviceClass(name="default", volume_group=vg, default=True),)
+    path = config_file
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -196,6 +209,6 @@ def load_device_classes(config: LvmConfig) -> Sequence[DeviceClass]:
         except yaml.YAMLError as exc:
             raise DeviceClassError(f"{path} is neither JSON nor YAML: {exc}") from exc
     try:
-        return parse_device_classes(doc)
+        return tuple(parse_device_classes(doc))
     except DeviceClassError as exc:
         raise DeviceClassError(f"{path}: {exc}") from exc
