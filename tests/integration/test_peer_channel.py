@@ -258,6 +258,14 @@ def test_controller_mode_offers_modify_only_with_the_peer_channel(
                     # is a reason to retry, not a verdict
                     good = _modify(f"v{'1' * 32}@{NODE}", wipeOnDelete="true")
                     assert _modify_code(csi.controller, good) == grpc.StatusCode.UNAVAILABLE
+                    # hostile keys are refused here, in a bounded message, before any lookup
+                    flood = _modify(f"v{'1' * 32}@{NODE}")
+                    for i in range(2000):
+                        flood.mutable_parameters[f"k{i:04d}" + "x" * 120] = "v" * 200
+                    with pytest.raises(grpc.RpcError) as exc:
+                        csi.controller.ControllerModifyVolume(flood, timeout=30)
+                    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert len((exc.value.details() or "").encode()) <= 2048
         finally:
             driver.stop()
 

@@ -168,6 +168,14 @@ class LvmBackend:
                     )
         return problems
 
+    def _made(
+        self, groups: Mapping[str, VolumeGroup], local: str
+    ) -> tuple[LogicalVolume, lvtags.Meta] | None:
+        """:meth:`_find`, but not a clone still being made (``nlc.grow``): that is no volume
+        until CreateVolume's retry finishes it; only that retry and DeleteVolume see it."""
+        found = self._find(groups, local)
+        return found if found and not found[1].unfinished(found[0].size_bytes) else None
+
     def _find(
         self, groups: Mapping[str, VolumeGroup], local: str
     ) -> tuple[LogicalVolume, lvtags.Meta] | None:
@@ -406,10 +414,8 @@ class LvmBackend:
         """The volume, or None; a clone still being made is not a volume yet (CreateVolume's
         retry finishes it)."""
         local = self._local(volume_id, "v")
-        found = self._find(self._report(), local) if local else None
-        if found is None or found[1].unfinished(found[0].size_bytes):
-            return None
-        return self._to_volume(*found)
+        found = self._made(self._report(), local) if local else None
+        return self._to_volume(*found) if found else None
 
     def list_volumes(self) -> Sequence[Volume]:
         return [
@@ -427,8 +433,8 @@ class LvmBackend:
     def _found_volume(
         self, groups: Mapping[str, VolumeGroup], volume_id: str
     ) -> tuple[LogicalVolume, lvtags.Meta]:
-        found = self._find(groups, self._volume_local(volume_id))
-        if found is None or found[1].unfinished(found[0].size_bytes):
+        found = self._made(groups, self._volume_local(volume_id))
+        if found is None:
             raise NotFound(f"volume {volume_id!r} does not exist")
         return found
 
@@ -541,8 +547,8 @@ class LvmBackend:
     ) -> None:
         assert meta.source is not None
         what = f"source {meta.source.kind.value} {self._id(meta.source_local)!r}"
-        found = self._find(groups, meta.source_local)
-        if found is None or found[1].unfinished(found[0].size_bytes):
+        found = self._made(groups, meta.source_local)
+        if found is None:
             raise NotFound(f"{what} does not exist")
         src, src_meta = found
         if not src.is_thin:
@@ -720,8 +726,8 @@ class LvmBackend:
                         f" {self._id(meta.source_local)!r}, not {source_volume_id!r}"
                     )
                 return self._to_snapshot(lv, meta)
-            found = self._find(groups, source_local) if source_local else None
-            if found is None or found[1].unfinished(found[0].size_bytes):
+            found = self._made(groups, source_local) if source_local else None
+            if found is None:
                 raise NotFound(f"source volume {source_volume_id!r} does not exist")
             src, src_meta = found
             if not src.is_thin:
