@@ -22,21 +22,15 @@ K8S_SCHEMA_VERSIONS="1.34.4 1.36.3"
 # The external-snapshotter release whose csi-snapshotter image the chart pins.
 SNAPSHOTTER_CLIENT_VERSION="v8.6.0"
 
-REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-
-CACHE_DIR="${CSI_CACHE_DIR:-$HOME/.cache/nodelocal-csi}"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+REPO_DIR=$ROOT
+CACHE_DIR=$CSI_CACHE_DIR
 BIN_DIR="$CACHE_DIR/bin"
-STAMP_DIR="$CACHE_DIR/stamps"
-mkdir -p "$BIN_DIR" "$STAMP_DIR"
 
-if ! command -v go >/dev/null 2>&1; then
-    if [ -x /usr/local/go/bin/go ]; then
-        PATH="/usr/local/go/bin:$PATH"
-    else
-        echo "install-chart-tools: go is not installed (needed to build helm and kubeconform)" >&2
-        exit 1
-    fi
-fi
+command -v go >/dev/null 2>&1 || {
+    echo "install-chart-tools: go is not installed (needed to build helm and kubeconform)" >&2
+    exit 1
+}
 
 export GOFLAGS="-mod=mod"
 export CGO_ENABLED=0
@@ -46,16 +40,15 @@ export GOBIN="$BIN_DIR"
 # exact build is there already.
 install_tool() {
     local name="$1" package="$2" version="$3" ldflags="$4"
-    local stamp="$STAMP_DIR/$name"
     local want="$package@$version $ldflags"
-    if [ -x "$BIN_DIR/$name" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    if stamp_matches "$name" "$want" "$BIN_DIR/$name"; then
         echo "install-chart-tools: $name $version already installed"
         return 0
     fi
     echo "install-chart-tools: building $name $version from the Go module proxy"
-    rm -f "$stamp"
+    stamp_clear "$name"
     nice -n 10 go install -trimpath -ldflags "$ldflags" "$package@$version"
-    printf '%s\n' "$want" >"$stamp"
+    stamp_write "$name" "$want"
 }
 
 helm_ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
@@ -75,15 +68,15 @@ SCHEMA_DIR="$CACHE_DIR/kubeconform-schemas"
 # 110 MB unpacked per Kubernetes version) that is removed once the schemas are written.
 generate_schemas() {
     local version="$1"
-    local stamp="$STAMP_DIR/schemas-v$version"
+    local stamp="schemas-v$version"
     local want
     want="k8s.io/kubernetes@v$version client/v8@$SNAPSHOTTER_CLIENT_VERSION $(sha256sum "$CONVERTER" | cut -d' ' -f1)"
-    if [ -d "$SCHEMA_DIR/v$version-standalone-strict" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    if [ -d "$SCHEMA_DIR/v$version-standalone-strict" ] && stamp_matches "$stamp" "$want"; then
         echo "install-chart-tools: kubeconform schemas for Kubernetes v$version already generated"
         return 0
     fi
     echo "install-chart-tools: generating kubeconform schemas for Kubernetes v$version"
-    rm -f "$stamp"
+    stamp_clear "$stamp"
     local modcache
     modcache="$(mktemp -d "$CACHE_DIR/gomodcache.XXXXXX")"
     local snapshot_module="github.com/kubernetes-csi/external-snapshotter/client/v8"
@@ -103,7 +96,7 @@ generate_schemas() {
     GOMODCACHE="$modcache/mod" go clean -modcache
     rm -rf "$modcache"
     [ "$rc" -eq 0 ] || return "$rc"
-    printf '%s\n' "$want" >"$stamp"
+    stamp_write "$stamp" "$want"
 }
 
 for version in $K8S_SCHEMA_VERSIONS; do

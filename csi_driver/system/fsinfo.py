@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi_driver.system.mounter import MOUNTINFO, MountInfo, read_mountinfo
+from csi_driver.system.mounter import MOUNTINFO, MountInfo, covering, read_mountinfo
 from csi_driver.system.runner import Runner
 
 #: copying a large volume takes long; a hung copy must still end eventually
@@ -49,12 +49,7 @@ def mount_of(path: str | Path, mountinfo: str = MOUNTINFO) -> MountInfo:
         mounts = read_mountinfo(mountinfo)
     except OSError as exc:
         raise FsInfoError(f"cannot read {mountinfo}: {exc.strerror}") from exc
-    best: MountInfo | None = None
-    for m in mounts:
-        mp = m.mount_point
-        inside = real == mp or mp == "/" or real.startswith(mp.rstrip("/") + "/")
-        if inside and (best is None or len(mp) >= len(best.mount_point)):
-            best = m
+    best = covering(mounts, real)
     if best is None:
         raise FsInfoError(f"no mount in {mountinfo} holds {real}")
     return best

@@ -123,6 +123,18 @@ def read_mountinfo(path: str = MOUNTINFO) -> list[MountInfo]:
         return parse_mountinfo(f.read())
 
 
+def covering(mounts: list[MountInfo], path: str) -> MountInfo | None:
+    """The mount that holds ``path`` (a real path): the longest mount point above it, the
+    topmost one when several are stacked there (mountinfo lists them in mount order)."""
+    best: MountInfo | None = None
+    for m in mounts:
+        mp = m.mount_point
+        inside = path == mp or path.startswith(mp.rstrip("/") + "/")
+        if inside and (best is None or len(mp) >= len(best.mount_point)):
+            best = m
+    return best
+
+
 def device_key(device: str) -> Key:
     """The key of a filesystem mounted from block device ``device`` (its root)."""
     rdev = os.stat(device).st_rdev
@@ -156,12 +168,7 @@ class Mounter:
     def key_of(self, path: str) -> Key | None:
         """The key ``path`` (a real path) would have if it were bind-mounted somewhere: the
         longest mount covering it, and the path inside that mount's filesystem."""
-        best: MountInfo | None = None
-        for m in self.mounts():
-            mp = m.mount_point
-            covers = path == mp or path.startswith(mp.rstrip("/") + "/")
-            if covers and (best is None or len(mp) >= len(best.mount_point)):
-                best = m
+        best = covering(self.mounts(), path)
         if best is None:
             return None
         rel = os.path.relpath(path, best.mount_point)

@@ -23,7 +23,7 @@ from csi_driver.system.mountcalls import (
     Attributes,
     MountCalls,
 )
-from csi_driver.system.mounter import Mounter, MountError, parse_mountinfo
+from csi_driver.system.mounter import Mounter, MountError, covering, parse_mountinfo
 from csi_driver.system.runner import CommandResult
 from tests.fake_runner import FakeRunner, result
 
@@ -394,3 +394,16 @@ def test_usage_reports_bytes_and_inodes(tmp_path: Path) -> None:
     assert 0 <= usage.available_bytes <= usage.total_bytes
     with pytest.raises(FilesystemError, match="statvfs"):
         Filesystems.usage(str(tmp_path / "missing"))
+
+
+def test_covering_picks_the_longest_then_the_topmost_mount() -> None:
+    table = parse_mountinfo(
+        b"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        b"2 1 8:2 / /var rw - ext4 /dev/sda2 rw\n"
+        b"3 2 7:0 / /var/lib rw - xfs /dev/loop0 rw\n"
+        b"4 2 7:1 / /var/lib rw - xfs /dev/loop1 rw\n"
+    )
+    assert covering(table, "/var/lib/x").source == "/dev/loop1"  # type: ignore[union-attr]
+    assert covering(table, "/var/libx").source == "/dev/sda2"  # type: ignore[union-attr]
+    assert covering(table, "/etc").source == "/dev/sda1"  # type: ignore[union-attr]
+    assert covering(table[1:], "/etc") is None
