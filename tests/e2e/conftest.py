@@ -144,7 +144,9 @@ def _apply_snapshot_crds(cluster: Cluster) -> None:
 
     def all_established() -> bool:
         for crd in names:
-            conditions = raw(ext.read_custom_resource_definition, crd)["status"]["conditions"]
+            status = raw(ext.read_custom_resource_definition, crd).get("status") or {}
+            # A CRD read right after its creation may have no conditions yet.
+            conditions = status.get("conditions") or []
             if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
                 return False
         return True
