@@ -23,9 +23,7 @@ K8S_SCHEMA_VERSIONS="1.34.4 1.36.3"
 SNAPSHOTTER_CLIENT_VERSION="v8.6.0"
 
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-REPO_DIR=$ROOT
-CACHE_DIR=$CSI_CACHE_DIR
-BIN_DIR="$CACHE_DIR/bin"
+BIN_DIR="$CSI_CACHE_DIR/bin"
 
 command -v go >/dev/null 2>&1 || {
     echo "install-chart-tools: go is not installed (needed to build helm and kubeconform)" >&2
@@ -59,10 +57,10 @@ install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "$helm_ldflags"
 install_tool kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION" "-s -w"
 
 if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$REPO_DIR/.venv/bin/python" ]; then PYTHON="$REPO_DIR/.venv/bin/python"; else PYTHON=python3; fi
+    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
-CONVERTER="$REPO_DIR/tests/chart/openapi2schema.py"
-SCHEMA_DIR="$CACHE_DIR/kubeconform-schemas"
+CONVERTER="$ROOT/tests/chart/openapi2schema.py"
+SCHEMA_DIR="$CSI_CACHE_DIR/kubeconform-schemas"
 
 # generate_schemas VERSION: the module sources are fetched into a throw-away module cache (about
 # 110 MB unpacked per Kubernetes version) that is removed once the schemas are written.
@@ -78,7 +76,7 @@ generate_schemas() {
     echo "install-chart-tools: generating kubeconform schemas for Kubernetes v$version"
     stamp_clear "$stamp"
     local modcache
-    modcache="$(mktemp -d "$CACHE_DIR/gomodcache.XXXXXX")"
+    modcache="$(mktemp -d "$CSI_CACHE_DIR/gomodcache.XXXXXX")"
     local snapshot_module="github.com/kubernetes-csi/external-snapshotter/client/v8"
     (
         cd "$modcache"
