@@ -2,7 +2,7 @@
 its Prometheus metrics scraped over 127.0.0.1.
 
 Kept apart from the measurements so each benchmark script stays about what it measures. The
-process handling itself is the test suite's (tests/driver_process.py), so the benchmarks start
+process handling is shared with the tests (testkit/driver_process.py), so the benchmarks start
 the driver exactly as the tests do.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tests.driver_process import CommandCounts, Csi, clean_up_host, free_port
-from tests.driver_process import DriverProcess as _DriverProcess
+from testkit.driver_process import CommandCounts, Csi, clean_up_host, free_port
+from testkit.driver_process import DriverProcess as _DriverProcess
 
 Stubs = Csi
 

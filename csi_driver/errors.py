@@ -58,3 +58,7 @@ class Internal(CsiError):
 
 class DeadlineExceeded(CsiError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(CsiError):
+    code = grpc.StatusCode.CANCELLED

@@ -64,6 +64,20 @@ def parse(value: str, kind: str) -> ParsedId | None:
     return ParsedId(kind, m.group(1) + m.group(2), m.group(3))
 
 
+def local_of(value: str, kind: str, node_id: str) -> str | None:
+    """The local part (``<kind><32 hex>``, the name of the storage) of ``value`` when it is an
+    id of ``kind`` on node ``node_id``; None for anything else, which this node does not hold."""
+    parsed = parse(value, kind)
+    if parsed is None or parsed.node_id != node_id:
+        return None
+    return parsed.local
+
+
+def id_of(local: str, node_id: str) -> str:
+    """The id of this node's storage named ``local``: the inverse of :func:`local_of`."""
+    return f"{local}@{node_id}"
+
+
 def _reject_unsafe(value: str, field: str) -> None:
     if "\x00" in value or "/" in value or ".." in value or len(value) > MAX_ID_LENGTH:
         raise InvalidArgument(
@@ -72,23 +86,21 @@ def _reject_unsafe(value: str, field: str) -> None:
         )
 
 
-def require_volume_id(value: str, field: str = "volume_id") -> ParsedId:
-    """Parse a volume id from a request. An empty id is INVALID_ARGUMENT; a well-formed string
-    that is not one of ours cannot name an existing volume, so it is NOT_FOUND."""
+def _require(value: str, field: str, kind: str, noun: str) -> ParsedId:
+    """Parse an id of ``kind`` from a request. An empty id is INVALID_ARGUMENT; a well-formed
+    string that is not one of ours cannot name an existing ``noun``, so it is NOT_FOUND."""
     if not value:
         raise InvalidArgument(f"{field} is required")
     _reject_unsafe(value, field)
-    parsed = parse(value, "v")
+    parsed = parse(value, kind)
     if parsed is None:
-        raise NotFound(f"volume {echo(value)} does not exist")
+        raise NotFound(f"{noun} {echo(value)} does not exist")
     return parsed
+
+
+def require_volume_id(value: str, field: str = "volume_id") -> ParsedId:
+    return _require(value, field, "v", "volume")
 
 
 def require_snapshot_id(value: str, field: str = "snapshot_id") -> ParsedId:
-    if not value:
-        raise InvalidArgument(f"{field} is required")
-    _reject_unsafe(value, field)
-    parsed = parse(value, "s")
-    if parsed is None:
-        raise NotFound(f"snapshot {echo(value)} does not exist")
-    return parsed
+    return _require(value, field, "s", "snapshot")

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from csi_driver import callmemo
 from csi_driver.config import Endpoint
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,9 @@ class _Bridge(_AioInterceptor):
             context.time_remaining(),
         )
         try:
-            response = await loop.run_in_executor(self._pool, servicer, request, sync)
+            response = await loop.run_in_executor(
+                self._pool, callmemo.in_call, servicer, request, sync
+            )
         except _Aborted:
             response = None
         finally:

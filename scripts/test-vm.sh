@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real-kernel VM lane: boots Debian's kernel under qemu (software emulation) with
-# virtme-ng, builds an LVM volume group with a thin pool on three blank sparse disks, runs
+# virtme-ng, builds an LVM volume group with a thin pool on blank sparse disks, runs
 # `pytest tests/vm` and csi-sanity against the lvm backend (mount and block) inside the VM.
 # See docs/testing-vm.md.
 #

@@ -36,7 +36,7 @@ from csi_driver.errors import (
 )
 from csi_driver.locks import KeyLocks
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
-from csi_driver.services import convert, pagination, sizing
+from csi_driver.services import convert, fs_type, pagination, sizing
 from csi_driver.services.peer import Forwarder
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         return bool(topology.segments.get(self._key) == self._node)
 
     def _volume_shape(
-        self, caps: list[model.Capability], backend: Backend, default_fs: str = ""
+        self, caps: list[model.Capability], backend: Backend, parameters: model.Parameters
     ) -> tuple[model.AccessType, str]:
-        """The one access type and filesystem that satisfy every requested capability.
-        ``default_fs`` (a backend's ``fsType`` parameter) is used when no capability names one."""
+        """The one access type and filesystem that satisfy every requested capability (with
+        the ``fsType`` parameter when no capability names one: services/fs_type.py)."""
         for i, cap in enumerate(caps):
             if not cap.access_mode.single_node:
                 raise InvalidArgument(
@@ -150,25 +150,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         access_type = types.pop()
         if access_type is model.AccessType.BLOCK:
             return access_type, ""
-        supported = list(backend.supported_fs_types())
         asked = {cap.fs_type for cap in caps if cap.fs_type}
         if len(asked) > 1:
             raise InvalidArgument(
                 f"volume_capabilities ask for different filesystems {sorted(asked)}"
             )
-        if not asked:
-            if default_fs:
-                asked = {default_fs}
-            else:
-                return access_type, supported[0] if supported else ""
-        fs_type = asked.pop()
-        if fs_type not in supported:
-            raise InvalidArgument(
-                f"fs_type {fs_type!r} is not supported; use one of {supported}"
-                if supported
-                else f"fs_type {fs_type!r} is not supported; leave it empty"
-            )
-        return access_type, fs_type
+        return access_type, fs_type.choose(backend, asked.pop() if asked else "", parameters)
 
     def _source_bytes(self, backend: Backend, source: model.ContentSource | None) -> int:
         """The size of the content source (0 without one); NOT_FOUND when it is missing."""
@@ -202,7 +189,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         name = convert.require_name(request.name)
         caps = convert.capabilities_from_pb(request.volume_capabilities)
         parameters = self._parameters(backend, request.parameters, request.mutable_parameters)
-        access_type, fs_type = self._volume_shape(caps, backend, parameters.get("fsType", ""))
+        access_type, fs = self._volume_shape(caps, backend, parameters)
         if request.HasField("accessibility_requirements"):
             reqs = request.accessibility_requirements
             binding = list(reqs.requisite) or list(reqs.preferred)
@@ -229,7 +216,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     backend, parameters, required, limit, source_bytes
                 ),
                 access_type=access_type,
-                fs_type=fs_type,
+                fs_type=fs,
                 parameters=parameters,
                 content_source=source,
                 required_bytes=required,
@@ -458,7 +445,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             return response
         if caps:
             try:
-                self._volume_shape(caps, backend)
+                self._volume_shape(caps, backend, parameters)
             except InvalidArgument:
                 return response  # no volume with these capabilities can be made here
         available = backend.capacity(parameters)

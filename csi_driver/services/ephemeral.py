@@ -25,11 +25,10 @@ from csi_driver.config import Config
 from csi_driver.errors import CsiError, InvalidArgument, NotFound
 from csi_driver.failpoints import reach
 from csi_driver.locks import KeyLocks
-from csi_driver.services import convert, sizing
-from csi_driver.services.system_errors import system_errors
+from csi_driver.services import convert, fs_type, sizing
 from csi_driver.system.confined import Confined, Jail
-from csi_driver.system.filesystem import FilesystemError
-from csi_driver.system.mounter import MountError
+from csi_driver.system.failure import SystemFailure
+from csi_driver.system_errors import system_errors
 from csi_driver.units import parse_bytes
 
 log = logging.getLogger(__name__)
@@ -48,8 +47,6 @@ class NodeSteps(Protocol):
     def jail(self) -> Jail: ...
 
     def volume(self, volume_id: str) -> model.Volume: ...
-
-    def default_fs_type(self) -> str: ...
 
     def lock_key(self, path: str) -> str: ...
 
@@ -142,9 +139,11 @@ class EphemeralVolumes:
                 raise
             return volume
 
-    def _spec(
+    def spec(
         self, kubelet_id: str, cap: model.Capability, context_map: dict[str, str]
     ) -> model.VolumeSpec:
+        """The volume an inline volume asks for: its attributes are its StorageClass
+        parameters (``size`` aside), validated by the backend as CreateVolume's are."""
         if cap.access_type is not model.AccessType.MOUNT:
             raise InvalidArgument("ephemeral inline volumes are filesystem (mount) volumes only")
         if not cap.access_mode.single_node:
@@ -166,16 +165,11 @@ class EphemeralVolumes:
                 if k != EPHEMERAL_SIZE_KEY
             }
         )
-        supported = list(self._backend.supported_fs_types())
-        if cap.fs_type and supported and cap.fs_type not in supported:
-            raise InvalidArgument(
-                f"fs_type {cap.fs_type!r} is not supported; use one of {supported}"
-            )
         return model.VolumeSpec(
             name=kubelet_id,
             capacity_bytes=sizing.create_size(self._backend, parameters, size),
             access_type=model.AccessType.MOUNT,
-            fs_type=cap.fs_type or self._node.default_fs_type(),
+            fs_type=fs_type.choose(self._backend, cap.fs_type, parameters),
             parameters=parameters,
             required_bytes=size,
         )
@@ -189,10 +183,10 @@ class EphemeralVolumes:
         context_map: dict[str, str],
     ) -> None:
         volume_id, staging_path = self._ids(kubelet_id)
-        spec = self._spec(kubelet_id, cap, context_map)
+        spec = self.spec(kubelet_id, cap, context_map)
         with (
             self._node.locks.hold(volume_id, self._node.lock_key(path)),
-            system_errors(),
+            system_errors(request_paths=True),
             self._node.jail.resolve(path, create_parents=True) as target,
         ):
             existing = self._backend.get_volume(volume_id)
@@ -223,7 +217,7 @@ class EphemeralVolumes:
         volume_id, staging_path = self._ids(kubelet_id)
         with (
             self._node.locks.hold(volume_id, self._node.lock_key(path)),
-            system_errors(),
+            system_errors(request_paths=True),
             self._node.jail.existing(path) as target,
         ):
             self._remove(volume_id, staging_path, target, quiet=False)
@@ -254,11 +248,12 @@ class EphemeralVolumes:
             lambda: reach("ephemeral.unstaged"),
             lambda: self._backend.detach(volume_id),
             lambda: self._backend.delete_volume(volume_id),
+            lambda: reach("ephemeral.deleted"),
         ]
         for step in steps:
             try:
                 step()
-            except (CsiError, MountError, FilesystemError, OSError):
+            except (CsiError, SystemFailure, OSError):
                 if not quiet:
                     raise
                 log.exception(

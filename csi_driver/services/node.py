@@ -31,16 +31,18 @@ Staging (``NodeStageVolume``):
 Read-only block publications: a read-only bind mount does not stop writes to a device node,
 so the device itself is made read-only (``blockdev --setro``); since that flag belongs to the
 device, one volume cannot be published read-only and writable at the same time on one node.
+
+This module holds the RPCs and the steps of mount access; the rest is in its own module:
+what the mount table says of a volume and the refusals every step shares (node_volumes.py),
+block access (block_volumes.py), stats and expansion (volume_stats.py), inline ephemeral
+volumes (ephemeral.py), and the mount-flag policy (:mod:`csi_driver.system.mountflags`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
-import stat
-from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -51,23 +53,22 @@ from csi_driver.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
 )
 from csi_driver.failpoints import reach
-from csi_driver.locks import KeyLocks, path_key
+from csi_driver.locks import KeyLocks
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
-from csi_driver.services import convert, sizing
+from csi_driver.services import convert
+from csi_driver.services.block_volumes import BlockVolumes
 from csi_driver.services.ephemeral import EphemeralVolumes, is_ephemeral
-from csi_driver.services.system_errors import system_errors
+from csi_driver.services.node_volumes import TARGET_DIR_MODE, NodeVolumes
+from csi_driver.services.volume_stats import VolumeStats
 from csi_driver.system import mountflags
-from csi_driver.system.confined import Confined, Jail, PathRefused, mount_id
-from csi_driver.system.filesystem import FilesystemError, Filesystems
-from csi_driver.system.mounter import Key, Mounter, MountError, MountInfo, device_key
+from csi_driver.system.confined import Confined, Jail, mount_id
+from csi_driver.system.filesystem import Filesystems
+from csi_driver.system.mounter import Key, Mounter, MountError, MountInfo
+from csi_driver.system_errors import system_errors
 
 log = logging.getLogger(__name__)
-
-TARGET_DIR_MODE = 0o750
-TARGET_FILE_MODE = 0o640
 
 _Rpc = csi_pb2.NodeServiceCapability.RPC
 _CAPABILITIES = (
@@ -89,10 +90,6 @@ def mount_flags(
         raise InvalidArgument(f"{field}: {exc}") from exc
 
 
-def _without_ro_rw(flags: Sequence[str]) -> list[str]:
-    return [f for f in flags if f not in ("ro", "rw")]
-
-
 class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def __init__(
         self,
@@ -110,8 +107,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._mounter = mounter
         self._fs = filesystems
         self._node = config.node_id
-        self.jail = Jail(str(config.kubelet_dir))
+        self._volumes = NodeVolumes(config, backend, locks, mounter, filesystems)
+        self.jail: Jail = self._volumes.jail
+        self._block = BlockVolumes(self._volumes)
         self.ephemeral = EphemeralVolumes(self, config, backend, state_dir)
+        self._stats = VolumeStats(self._volumes, self.ephemeral)
 
     # --- health ----------------------------------------------------------------------------
 
@@ -121,79 +121,26 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             self._mounter.mounts()
         except OSError as exc:
             return f"the mount table cannot be read: {exc.strerror}"
-        try:
-            st = os.stat(self.jail.real_base)
-        except OSError as exc:
-            return f"the kubelet directory {self.jail.base}: {exc.strerror}"
-        if not stat.S_ISDIR(st.st_mode):
-            return f"the kubelet directory {self.jail.base} is not a directory"
-        return None
+        problem = self.jail.base_problem()
+        return f"the kubelet directory {problem}" if problem else None
 
-    # --- volumes ---------------------------------------------------------------------------
+    # --- the steps an inline ephemeral volume shares (see ephemeral.NodeSteps) -------------
 
     def volume(self, volume_id: str) -> model.Volume:
         """The volume, which must live on this node; NOT_FOUND otherwise."""
-        parsed = ids.require_volume_id(volume_id)
-        if parsed.node_id != self._node:
-            raise NotFound(
-                f"volume {volume_id!r} lives on node {parsed.node_id!r}, not on {self._node!r}"
-            )
-        volume = self._backend.get_volume(volume_id)
-        if volume is None:
-            raise NotFound(f"volume {volume_id!r} does not exist")
-        return volume
+        return self._volumes.volume(volume_id)
 
-    def _check_fits(self, volume: model.Volume, cap: model.Capability) -> None:
-        """The capability must describe the volume as it was created (FAILED_PRECONDITION,
-        "exceeds capabilities", otherwise)."""
-        if cap.access_type is not volume.access_type:
-            raise FailedPrecondition(
-                f"volume {volume.id!r} is a {volume.access_type.value} volume and cannot be"
-                f" used with {cap.access_type.value} access"
-            )
-        if not cap.access_mode.single_node:
-            raise FailedPrecondition(
-                f"volume {volume.id!r} is local to node {self._node!r}; access mode"
-                f" {cap.access_mode.name} is not supported"
-            )
-        if (
-            cap.access_type is model.AccessType.MOUNT
-            and cap.fs_type
-            and volume.fs_type
-            and cap.fs_type != volume.fs_type
-        ):
-            raise FailedPrecondition(
-                f"volume {volume.id!r} was created with filesystem {volume.fs_type!r}, not"
-                f" {cap.fs_type!r}"
-            )
+    def lock_key(self, path: str) -> str:
+        """The lock of a staging or target path (see :meth:`NodeVolumes.lock_key`)."""
+        return self._volumes.lock_key(path)
 
-    def _source_key(self, attachment: model.Attachment) -> Key | None:
-        """What a staging mount of this attachment shows: the directory's key, or the root
-        of the filesystem on the device."""
-        if attachment.kind is model.AttachmentKind.DIRECTORY:
-            return self._mounter.key_of(os.path.realpath(attachment.path))
-        try:
-            return device_key(attachment.path)
-        except OSError:
-            return None
+    @property
+    def locks(self) -> KeyLocks:
+        return self._locks
 
-    def _device_node_key(self, device: str) -> Key | None:
-        """What a bind mount of the device node shows (a block publication)."""
-        return self._mounter.key_of(os.path.realpath(device))
-
-    def _publications(self, key: Key | None, exclude: Sequence[str]) -> list[str]:
-        """Mount points showing ``key`` (a staging mount, a device node), but ``exclude``."""
-        if key is None:
-            return []
-        return [
-            m.mount_point
-            for m in self._mounter.mounts_with_key(key)
-            if m.mount_point not in exclude
-        ]
-
-    def default_fs_type(self) -> str:
-        supported = list(self._backend.supported_fs_types())
-        return supported[0] if supported and supported[0] else "ext4"
+    @property
+    def mounter(self) -> Mounter:
+        return self._mounter
 
     # --- staging ---------------------------------------------------------------------------
 
@@ -218,23 +165,23 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if current is not None:
             self._check_staged(volume, cap, attachment, flags, current, staging.path)
             return
-        elsewhere = self._publications(self._source_key(attachment), [])
+        elsewhere = self._volumes.publications(self._volumes.source_key(attachment), [])
         if elsewhere:
             raise FailedPrecondition(
                 f"volume {volume.id!r} is already staged or published at"
                 f" {bounded.listing(elsewhere)};"
                 " a volume is staged at one path on a node"
             )
-        self._refuse_hiding(staging)
+        self._volumes.refuse_hiding(staging)
         if directory:
             # read-only applies per publication; the staging bind stays writable
-            self._mounter.bind(attachment.path, staging, _without_ro_rw(flags))
+            self._mounter.bind(attachment.path, staging, mountflags.without_access(flags))
             return
         device = attachment.path
-        self._clear_stale_read_only(device)
+        self._volumes.clear_stale_read_only(device)
         signature = self._fs.probe(device)
         if signature is None:
-            fs_type = cap.fs_type or volume.fs_type or self.default_fs_type()
+            fs_type = cap.fs_type or volume.fs_type or self._volumes.default_fs_type()
             if fs_type not in self._fs.formattable():
                 raise InvalidArgument(
                     f"cannot create a {fs_type!r} filesystem; use one of"
@@ -275,7 +222,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     ) -> None:
         """Something is mounted at the staging path already: OK if it is this volume as asked,
         ALREADY_EXISTS otherwise (and nothing is touched)."""
-        if not current.shows(self._source_key(attachment)):
+        if not current.shows(self._volumes.source_key(attachment)):
             raise AlreadyExists(
                 f"staging_target_path {where} has something else mounted; unstage it first"
             )
@@ -288,7 +235,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             problems.append(f"it holds {current.fs_type}, not {cap.fs_type}")
         applied = mountflags.per_mount(flags)
         if attachment.kind is model.AttachmentKind.DIRECTORY:
-            applied = _without_ro_rw(applied)
+            applied = mountflags.without_access(applied)
         missing = mountflags.missing(applied, current.options)
         if missing:
             problems.append(f"it is mounted without {missing}")
@@ -297,34 +244,6 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 f"volume {volume.id!r} is already staged at {where} with another"
                 f" capability: {'; '.join(problems)}"
             )
-
-    def _stage_block(
-        self, volume: model.Volume, attachment: model.Attachment, staging: Confined
-    ) -> None:
-        if attachment.kind is not model.AttachmentKind.BLOCK_DEVICE:
-            raise FailedPrecondition(
-                f"volume {volume.id!r} is not backed by a block device and cannot be used with"
-                " block access"
-            )
-        staging.make_dir(TARGET_DIR_MODE)
-        reach("stage.dir")
-        if self._mounter.is_mount_point(staging.path):
-            raise AlreadyExists(
-                f"staging_target_path {staging.path} has something mounted, but block volume"
-                f" {volume.id!r} is staged without a mount; unstage it first"
-            )
-        # a block volume's staging path stays an empty directory: anything else is not ours
-        self._refuse_hiding(staging)
-        self._clear_stale_read_only(attachment.path)
-
-    def _clear_stale_read_only(self, device: str) -> None:
-        """A device's read-only flag outlives its user: the kernel keeps it on a loop device
-        number across detach and reuse. An unused device being staged must start writable
-        (publishing makes it read-only again where asked)."""
-        real = os.path.realpath(device)
-        if self._fs.is_read_only(real) and not self._publications(self._device_node_key(real), []):
-            log.info("clearing a stale read-only flag", extra={"device": real})
-            self._fs.set_read_only(real, False)
 
     def NodeStageVolume(
         self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
@@ -335,13 +254,13 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if cap.access_type is model.AccessType.MOUNT:
             mount_flags(cap)
         ids.require_volume_id(volume_id)
-        with self._locks.hold(volume_id, self.lock_key(path)), system_errors():
+        with self._locks.hold(volume_id, self.lock_key(path)), system_errors(request_paths=True):
             volume = self.volume(volume_id)
-            self._check_fits(volume, cap)
+            self._volumes.check_fits(volume, cap)
             with self.jail.resolve(path, create_parents=True) as staging:
                 attachment = self._backend.attach(volume_id)
                 if cap.access_type is model.AccessType.BLOCK:
-                    self._stage_block(volume, attachment, staging)
+                    self._block.stage(volume, attachment, staging)
                 else:
                     self.stage_mount(volume, cap, attachment, staging)
             reach("stage.done")
@@ -354,7 +273,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         volume_id = convert.require(request.volume_id, "volume_id")
         path = convert.require_abs_path(request.staging_target_path, "staging_target_path")
         ids.require_volume_id(volume_id)
-        with self._locks.hold(volume_id, self.lock_key(path)), system_errors():
+        with self._locks.hold(volume_id, self.lock_key(path)), system_errors(request_paths=True):
             volume = self.volume(volume_id)
             attachment = self._backend.locate(volume_id)
             with self.jail.existing(path) as staging:
@@ -372,7 +291,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         """Unmount this volume's staging mount at ``staging``; anything else there is left."""
         key = None
         if attachment is not None and volume.access_type is model.AccessType.MOUNT:
-            key = self._source_key(attachment)
+            key = self._volumes.source_key(attachment)
         current = self._mounter.mount_at(staging.path)
         if current is None:
             return
@@ -381,7 +300,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 f"staging_target_path {staging.path} holds a mount that is not volume"
                 f" {volume.id!r}; it is left alone"
             )
-        others = self._publications(key, [staging.path])
+        others = self._volumes.publications(key, [staging.path])
         if others:
             raise FailedPrecondition(
                 f"volume {volume.id!r} is still published at {bounded.listing(others)};"
@@ -396,9 +315,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if attachment is None or attachment.kind is not model.AttachmentKind.BLOCK_DEVICE:
             return
         device = os.path.realpath(attachment.path)
-        used = self._publications(self._device_node_key(device), []) + self._publications(
-            self._source_key(attachment), []
-        )
+        seen = self._volumes
+        used = seen.publications(seen.device_node_key(device), [])
+        used += seen.publications(seen.source_key(attachment), [])
         if used:
             raise FailedPrecondition(
                 f"volume {volume.id!r} is still mounted at {bounded.listing(used)};"
@@ -428,9 +347,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             )
         staging_path = convert.require_abs_path(request.staging_target_path, "staging_target_path")
         ids.require_volume_id(volume_id)
-        with self._locks.hold(volume_id, self.lock_key(path)), system_errors():
+        with self._locks.hold(volume_id, self.lock_key(path)), system_errors(request_paths=True):
             volume = self.volume(volume_id)
-            self._check_fits(volume, cap)
+            self._volumes.check_fits(volume, cap)
             with (
                 self.jail.existing(staging_path) as staging,
                 self.jail.resolve(path, create_parents=True) as target,
@@ -442,7 +361,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     )
                 attachment = self._backend.attach(volume_id)
                 if cap.access_type is model.AccessType.BLOCK:
-                    self._publish_block(volume, cap, attachment, staging, target, read_only)
+                    self._block.publish(volume, cap, attachment, staging, target, read_only)
                 else:
                     self.publish_mount(volume, cap, attachment, staging, target, read_only)
             reach("publish.done")
@@ -461,12 +380,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         if target.path == staging.path:
             raise InvalidArgument("target_path must differ from staging_target_path")
         staged = self._mounter.mount_at(staging.path)
-        key = self._source_key(attachment)
+        key = self._volumes.source_key(attachment)
         if staged is None or not staged.shows(key) or self._mounter.mounts_below(staging.path):
             raise FailedPrecondition(
                 f"volume {volume.id!r} is not staged at {staging.path}; call NodeStageVolume first"
             )
-        flags = _without_ro_rw(mountflags.per_mount(mount_flags(cap)))
+        flags = mountflags.without_access(mountflags.per_mount(mount_flags(cap)))
         current = self._mounter.mount_at(target.path)
         if current is not None:
             if not current.shows(key):
@@ -483,9 +402,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     f" {' and '.join(problems)}; unpublish it first"
                 )
             return
-        self._check_single_writer(volume, cap, key, [staging.path, target.path])
-        self._refuse_hiding(target)
+        self._volumes.check_single_writer(volume, cap, key, [staging.path, target.path])
+        self._volumes.refuse_hiding(target)
         if target.make_dir(TARGET_DIR_MODE):
+            reach("publish.made")  # a kill here leaves a directory not marked as ours
             target.tag(volume.id)
         reach("publish.target")
         with staging.opened() as source:
@@ -497,98 +417,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     f" volume {volume.id!r}"
                 )
             self._mounter.bind_fd(
-                source, staging.path, target, [*flags, "ro" if read_only else "rw"]
+                source, staging.path, target, [*flags, mountflags.access(read_only)]
             )
-
-    def lock_key(self, path: str) -> str:
-        """The lock of a staging or target path, whichever spelling of the kubelet directory
-        the request used (INVALID_ARGUMENT for a path outside it)."""
-        with system_errors():
-            return path_key(self.jail.canonical(path))
-
-    def _refuse_hiding(self, where: Confined) -> None:
-        """Never mount over a directory that holds files or has mounts below it, or over a
-        file with data: they would be hidden (the kubelet hands over empty or absent paths;
-        anything else below its directory is somebody's)."""
-        if not where.is_empty():
-            raise FailedPrecondition(
-                f"{where.path} is not empty; refusing to mount over (and hide) what it holds"
-            )
-        below = self._mounter.mounts_below(where.path)
-        if below:
-            raise FailedPrecondition(
-                f"{where.path} has other mounts below it ({bounded.listing(below)});"
-                " refusing to hide them"
-            )
-
-    def _check_single_writer(
-        self, volume: model.Volume, cap: model.Capability, key: Key | None, exclude: Sequence[str]
-    ) -> None:
-        """SINGLE_NODE_SINGLE_WRITER allows one publication. SINGLE_NODE_WRITER is let through,
-        as the spec asks, so that older COs can still publish a volume for several pods."""
-        if cap.access_mode is not model.AccessMode.SINGLE_NODE_SINGLE_WRITER:
-            return
-        others = self._publications(key, exclude)
-        if others:
-            raise FailedPrecondition(
-                f"volume {volume.id!r} has access mode SINGLE_NODE_SINGLE_WRITER and is already"
-                f" published at {bounded.listing(others)}"
-            )
-
-    def _publish_block(
-        self,
-        volume: model.Volume,
-        cap: model.Capability,
-        attachment: model.Attachment,
-        staging: Confined,
-        target: Confined,
-        read_only: bool,
-    ) -> None:
-        if attachment.kind is not model.AttachmentKind.BLOCK_DEVICE:
-            raise FailedPrecondition(
-                f"volume {volume.id!r} is not backed by a block device and cannot be used with"
-                " block access"
-            )
-        if target.path == staging.path:
-            raise InvalidArgument("target_path must differ from staging_target_path")
-        st = staging.lstat()
-        if (
-            st is None
-            or not stat.S_ISDIR(st.st_mode)
-            or not staging.is_empty()
-            or self._mounter.mounts_below(staging.path)
-        ):
-            raise FailedPrecondition(
-                f"volume {volume.id!r} is not staged at {staging.path}; call NodeStageVolume first"
-            )
-        device = os.path.realpath(attachment.path)
-        key = self._device_node_key(device)
-        current = self._mounter.mount_at(target.path)
-        if current is not None:
-            if not current.shows(key):
-                raise AlreadyExists(f"target_path {target.path} has another device mounted")
-            if self._fs.is_read_only(device) != read_only:
-                raise AlreadyExists(
-                    f"volume {volume.id!r} is already published at {target.path} but"
-                    f" {'read-only' if not read_only else 'writable'}; unpublish it first"
-                )
-            return
-        others = self._publications(key, [target.path])
-        self._check_single_writer(volume, cap, key, [target.path])
-        if self._fs.is_read_only(device) != read_only:
-            if others:
-                raise FailedPrecondition(
-                    f"block volume {volume.id!r} is published"
-                    f" {'writable' if read_only else 'read-only'} at {bounded.listing(others)};"
-                    " a device cannot be read-only for one publication and writable for another"
-                )
-            self._fs.set_read_only(device, read_only)
-            reach("publish.device-flag")
-        self._refuse_hiding(target)
-        if target.make_file(TARGET_FILE_MODE):
-            target.tag(volume.id)
-        reach("publish.target")
-        self._mounter.bind(device, target, ["ro" if read_only else "rw"])
 
     def NodeUnpublishVolume(
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
@@ -600,12 +430,14 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             if self.ephemeral.owns(volume_id):
                 self.ephemeral.unpublish(volume_id, path)
                 return csi_pb2.NodeUnpublishVolumeResponse()
-            if self._absent(path):
+            if self._holds_nothing(path):
                 # Not a volume of ours, and nothing there: the retry of an ephemeral volume's
-                # unpublish that finished (the volume is gone with it).
+                # unpublish that finished (the volume is gone with it). An empty directory may
+                # remain when a kill fell between making it and marking it ours; the kubelet
+                # removes it once this call succeeds.
                 return csi_pb2.NodeUnpublishVolumeResponse()
         ids.require_volume_id(volume_id)
-        with self._locks.hold(volume_id, self.lock_key(path)), system_errors():
+        with self._locks.hold(volume_id, self.lock_key(path)), system_errors(request_paths=True):
             volume = self.volume(volume_id)
             attachment = self._backend.locate(volume_id)
             with self.jail.existing(path) as target:
@@ -614,9 +446,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         log.info("unpublished", extra={"volume_id": volume_id, "target_path": path})
         return csi_pb2.NodeUnpublishVolumeResponse()
 
-    def _absent(self, path: str) -> bool:
-        with system_errors(), self.jail.existing(path) as where:
-            return where is None or where.lstat() is None
+    def _holds_nothing(self, path: str) -> bool:
+        """True when ``path`` is absent, or an empty directory or file that is no mount."""
+        with system_errors(request_paths=True), self.jail.existing(path) as where:
+            if where is None or where.lstat() is None:
+                return True
+            return not self._mounter.is_mount_point(where.path) and where.is_empty()
 
     def unpublish(
         self, volume: model.Volume, attachment: model.Attachment | None, target: Confined
@@ -626,9 +461,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         with data) is left alone."""
         key: Key | None = None
         if attachment is not None and volume.access_type is model.AccessType.BLOCK:
-            key = self._device_node_key(os.path.realpath(attachment.path))
+            key = self._volumes.device_node_key(attachment.path)
         elif attachment is not None:
-            key = self._source_key(attachment)
+            key = self._volumes.source_key(attachment)
         current = self._mounter.mount_at(target.path)
         if current is not None and not current.shows(key):
             raise FailedPrecondition(
@@ -648,127 +483,20 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             # also on the retry after a kill between the unmount and here: the flag belongs
             # to the device and must not outlive its last read-only publication
             device = os.path.realpath(attachment.path)
-            if not self._publications(key, []) and self._fs.is_read_only(device):
+            if not self._volumes.publications(key, []) and self._fs.is_read_only(device):
                 self._fs.set_read_only(device, False)
 
-    # --- stats and expansion ---------------------------------------------------------------
-
-    def _check_volume_path(self, volume: model.Volume, path: str) -> None:
-        """A volume path that is malformed or outside the kubelet directory cannot be where
-        the volume is: NOT_FOUND, as csi-sanity expects of NodeGetVolumeStats."""
-        try:
-            convert.require_abs_path(path, "volume_path")
-            self.jail.check(path)
-        except (InvalidArgument, PathRefused) as exc:
-            raise NotFound(f"volume {volume.id!r} is not staged or published there: {exc}") from exc
-
-    @contextlib.contextmanager
-    def _volume_at(
-        self, volume: model.Volume, path: str, *, any_mount: bool
-    ) -> Iterator[tuple[MountInfo, str]]:
-        """The mount at ``path`` (below the kubelet directory) and a name for it that goes
-        through a descriptor (``/proc/self/fd/N``), so what is measured is what was checked.
-        The mount must be this volume's (its staging mount, a publication, its device node),
-        or with ``any_mount`` merely a mount. NOT_FOUND otherwise."""
-        with self.jail.resolve(path) as where:
-            if where.lstat() is None:
-                raise NotFound(f"volume {volume.id!r} is not staged or published at {path}")
-            with where.opened() as fd:
-                mount = self._mounter.mount_of_fd(fd, where.path)
-                if mount is not None and not any_mount:
-                    attachment = self._backend.locate(volume.id)
-                    keys = set()
-                    if attachment is not None:
-                        keys.add(self._source_key(attachment))
-                        if attachment.kind is model.AttachmentKind.BLOCK_DEVICE:
-                            keys.add(self._device_node_key(os.path.realpath(attachment.path)))
-                    if not any(mount.shows(k) for k in keys):
-                        mount = None
-                if mount is None:
-                    raise NotFound(f"volume {volume.id!r} is not staged or published at {path}")
-                yield mount, f"/proc/self/fd/{fd}"
+    # --- stats and expansion (volume_stats.py) ---------------------------------------------
 
     def NodeGetVolumeStats(
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
-        volume_id = convert.require(request.volume_id, "volume_id")
-        path = convert.require(request.volume_path, "volume_path")
-        with system_errors():
-            volume = self.ephemeral.volume_or_ephemeral(volume_id)
-            self._check_volume_path(volume, path)
-            condition = self._backend.volume_condition(volume.id)
-            problem = None
-            usage: list[csi_pb2.VolumeUsage] = []
-            with self._volume_at(volume, path, any_mount=condition.abnormal) as (mount, by_fd):
-                if mount.root.endswith("//deleted"):
-                    problem = f"what is mounted at {path} was deleted from the node"
-                try:
-                    if volume.access_type is model.AccessType.BLOCK:
-                        size = self._fs.block_device_size(by_fd)
-                        usage = [csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=size)]
-                    else:
-                        usage = convert.usage_to_pb(self._fs.usage(by_fd))
-                except FilesystemError as exc:
-                    problem = problem or f"the volume at {path} cannot be read: {exc}"
-        if problem and not condition.abnormal:
-            condition = model.VolumeCondition(True, problem)
-        return csi_pb2.NodeGetVolumeStatsResponse(
-            usage=usage, volume_condition=convert.condition_to_pb(condition)
-        )
+        return self._stats.stats(request)
 
     def NodeExpandVolume(
         self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:
-        volume_id = convert.require(request.volume_id, "volume_id")
-        path = convert.require(request.volume_path, "volume_path")
-        cap = (
-            convert.capability_from_pb(request.volume_capability)
-            if request.HasField("volume_capability")
-            else None
-        )
-        required, limit = (
-            convert.capacity_range(request.capacity_range)
-            if request.HasField("capacity_range")
-            else (0, 0)
-        )
-        ids.require_volume_id(volume_id)
-        with self._locks.hold(volume_id), system_errors():
-            volume = self.volume(volume_id)
-            self._check_volume_path(volume, path)
-            if cap is not None and cap.access_type is not volume.access_type:
-                raise InvalidArgument(
-                    f"volume {volume_id!r} is a {volume.access_type.value} volume, not"
-                    f" {cap.access_type.value}"
-                )
-            with self._volume_at(volume, path, any_mount=False) as (mount, _):
-                pass
-            wanted = sizing.expansion_target(self._backend, volume, required, limit)
-            if wanted > volume.capacity_bytes:
-                volume = self._backend.expand_volume(volume_id, wanted)
-                reach("expand.grown")
-            self._backend.refresh_attachment(volume_id)
-            reach("expand.refreshed")
-            attachment = self._backend.attach(volume_id)
-            if (
-                volume.access_type is model.AccessType.MOUNT
-                and attachment.kind is model.AttachmentKind.BLOCK_DEVICE
-            ):
-                where = self._writable_mount_of(attachment.path) or mount.mount_point
-                self._fs.resize(attachment.path, where, mount.fs_type)
-        log.info(
-            "expanded on node",
-            extra={"volume_id": volume_id, "capacity_bytes": volume.capacity_bytes},
-        )
-        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=volume.capacity_bytes)
-
-    def _writable_mount_of(self, device: str) -> str | None:
-        """A writable mount point of the filesystem on ``device``: growing a filesystem through
-        a read-only publication fails (EROFS), and the staging mount is writable."""
-        key = device_key(device)
-        for m in self._mounter.mounts():
-            if m.shows(key) and not m.read_only:
-                return m.mount_point
-        return None
+        return self._stats.expand(request)
 
     # --- node information ------------------------------------------------------------------
 
@@ -788,16 +516,6 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             or self._backend.max_volumes_per_node,
             accessible_topology=convert.topology_for(self._config.topology_key, self._node),
         )
-
-    # --- for the inline ephemeral volumes --------------------------------------------------
-
-    @property
-    def locks(self) -> KeyLocks:
-        return self._locks
-
-    @property
-    def mounter(self) -> Mounter:
-        return self._mounter
 
 
 class NodeCapabilitiesServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]

@@ -18,21 +18,29 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 
+from csi_driver.system.failure import Reason, SystemFailure
+
 _DIR = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 _ANY = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_NAME_BYTES = 255
 
 
-class PathRefused(Exception):
+class PathRefused(SystemFailure):
     """The path is outside the base, or cannot be walked safely; nothing was touched."""
 
+    default_reason = Reason.BAD_PATH
 
-class PathMissing(Exception):
+
+class PathMissing(SystemFailure):
     """A directory on the way does not exist (and the caller did not ask to create it)."""
 
+    default_reason = Reason.ABSENT
 
-class BaseUnusable(Exception):
+
+class BaseUnusable(SystemFailure):
     """The base directory itself cannot be opened: nothing below it can be served."""
+
+    default_reason = Reason.UNUSABLE
 
 
 #: extended attribute naming the volume a file or directory was made for by this driver
@@ -62,6 +70,11 @@ class Confined:
             return os.stat(self.name, dir_fd=self.parent_fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
+
+    def is_dir(self) -> bool:
+        """True when the last component is a directory itself (not a symlink to one)."""
+        st = self.lstat()
+        return st is not None and stat.S_ISDIR(st.st_mode)
 
     def open(self) -> int:
         """An ``O_PATH`` descriptor of the last component, never through a symlink. On a
@@ -180,6 +193,16 @@ class Jail:
     def __init__(self, base: str) -> None:
         self.base = os.path.normpath(base)
         self.real_base = os.path.realpath(base)
+
+    def base_problem(self) -> str | None:
+        """Why the base cannot be walked from, naming it; None when it can."""
+        try:
+            st = os.stat(self.real_base)
+        except OSError as exc:
+            return f"{self.base}: {exc.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{self.base} is not a directory"
+        return None
 
     def _components(self, path: str) -> list[str]:
         for prefix in (self.base, self.real_base):

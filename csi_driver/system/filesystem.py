@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from csi_driver.model import Usage
+from csi_driver.system.failure import SystemFailure
 from csi_driver.system.runner import CommandError, Runner
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ _MKFS: dict[str, tuple[str, ...]] = {
 }
 
 
-class FilesystemError(Exception):
+class FilesystemError(SystemFailure):
     """A probe, format, resize or measurement failed; the message says which and why."""
 
 

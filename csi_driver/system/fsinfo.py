@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi_driver.system.failure import SystemFailure
 from csi_driver.system.mounter import MOUNTINFO, MountInfo, covering, read_mountinfo
 from csi_driver.system.runner import Runner
 
@@ -22,7 +23,7 @@ from csi_driver.system.runner import Runner
 COPY_TIMEOUT = 6 * 3600.0
 
 
-class FsInfoError(Exception):
+class FsInfoError(SystemFailure):
     """A filesystem fact could not be read; the message names the path and the cause."""
 
 

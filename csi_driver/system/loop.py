@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi_driver.system.failure import SystemFailure
 from csi_driver.system.runner import CommandError, Runner
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ LOSETUP_TIMEOUT = 60.0
 DETACH_SETTLE = 5.0
 
 
-class LoopError(Exception):
+class LoopError(SystemFailure):
     """A loop device operation failed; the message names the image and the cause."""
 
 

@@ -27,6 +27,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from csi_driver.system.failure import SystemFailure
+
 log = logging.getLogger(__name__)
 
 # The mount API's syscalls are numbered alike on every architecture (glibc 2.36 wraps them,
@@ -91,13 +93,12 @@ _ATIME = {
 MOUNT_FLAGS = frozenset(_ATTRS) | frozenset(_ATIME)
 
 
-class MountError(Exception):
+class MountError(SystemFailure):
     """A mount operation could not be done; the message says what and why, ``errno`` the
     kernel's reason when there is one."""
 
     def __init__(self, message: str, err: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = err
+        super().__init__(message, errno=err)
 
 
 @dataclass(frozen=True)

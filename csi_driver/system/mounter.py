@@ -175,6 +175,27 @@ class Mounter:
         root = best.root if rel == "." else os.path.join(best.root, rel)
         return (best.major, best.minor, root)
 
+    def key_of_device(self, device: str) -> Key | None:
+        """The key of a filesystem mounted from block device ``device`` (its root); None when
+        the device cannot be looked at (it is gone)."""
+        try:
+            return device_key(device)
+        except OSError:
+            return None
+
+    def key_of_device_node(self, device: str) -> Key | None:
+        """The key a bind mount of the device node ``device`` (symlinks followed) shows."""
+        return self.key_of(os.path.realpath(device))
+
+    def writable_mount_of_device(self, device: str) -> str | None:
+        """A writable mount point of the filesystem on block device ``device`` (OSError when
+        the device cannot be looked at)."""
+        key = device_key(device)
+        for m in self.mounts():
+            if m.shows(key) and not m.read_only:
+                return m.mount_point
+        return None
+
     def mounts_below(self, path: str) -> list[str]:
         """Mount points strictly below ``path``: mounting onto ``path`` would hide them."""
         prefix = path.rstrip("/") + "/"

@@ -1,5 +1,6 @@
 """Mount flags from a request: which are allowed, which belong to the mount and which to the
-filesystem, and whether an existing mount already carries them.
+filesystem, which say read-only or writable, and whether an existing mount already carries
+them.
 
 A flag string is untrusted: one entry may hold several comma-separated options, and mount(8)
 knows options that are operations (``bind``, ``remount``, ``loop=``) rather than flags. Only
@@ -98,3 +99,14 @@ def missing(flags: Sequence[str], options: Sequence[str]) -> list[str]:
         for f in flags
         if (f in _SHOWN and f not in options) or (f in _NEGATIONS and _NEGATIONS[f] in options)
     ]
+
+
+def without_access(flags: Sequence[str]) -> list[str]:
+    """The flags without ``ro`` and ``rw``: whether a mount is read-only is decided for each
+    publication (see :func:`access`), never by the flags a volume was staged with."""
+    return [f for f in flags if f not in ("ro", "rw")]
+
+
+def access(read_only: bool) -> str:
+    """The flag that makes a mount read-only or writable."""
+    return "ro" if read_only else "rw"

@@ -20,6 +20,7 @@ import re
 import struct
 from pathlib import Path
 
+from csi_driver.system.failure import SystemFailure
 from csi_driver.system.mounter import MountInfo
 from csi_driver.system.runner import CommandError, Runner
 
@@ -37,7 +38,7 @@ _FS_XFLAG_PROJINHERIT = 0x00000200
 _SAFE_PATH = re.compile(r"\A/[A-Za-z0-9._/+:@-]*\Z")
 
 
-class QuotaError(Exception):
+class QuotaError(SystemFailure):
     """A quota could not be read or set; the message says which and why."""
 
 

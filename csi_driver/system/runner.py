@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
+from csi_driver.system.failure import Reason, SystemFailure
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
@@ -98,11 +100,12 @@ class CommandResult:
     duration: float
 
 
-class CommandError(Exception):
+class CommandError(SystemFailure):
     """A command exited non-zero, timed out, was cancelled, or could not be started.
 
     ``cancelled`` holds :data:`CANCELLED` or :data:`DEADLINE_EXCEEDED` when the command was
-    killed (or never started) because the work it served was called off."""
+    killed (or never started) because the work it served was called off; ``reason`` (see
+    :class:`~csi_driver.system.failure.Reason`) says which of these it was."""
 
     def __init__(
         self,
@@ -133,7 +136,27 @@ class CommandError(Exception):
         else:
             what = f"exited with status {returncode}"
         detail = stderr.strip().splitlines()[-1] if stderr.strip() and not cancelled else ""
-        super().__init__(f"{self.argv[0]} {what}" + (f": {detail}" if detail else ""))
+        super().__init__(
+            f"{self.argv[0]} {what}" + (f": {detail}" if detail else ""),
+            reason=_reason(stderr, timed_out=timed_out, not_found=not_found, cancelled=cancelled),
+        )
+
+
+#: what programs print for ENOSPC and EDQUOT (their strerror, in the C locale)
+_NO_SPACE_SAYINGS = ("no space left", "quota exceeded")
+
+
+def _reason(stderr: str, *, timed_out: bool, not_found: bool, cancelled: str | None) -> Reason:
+    """Why a command failed, as far as it says without knowing the program: stopped, out of
+    time, missing, or out of space; a program's own words mean more to its caller (lvm2.py)."""
+    if cancelled:
+        return Reason.DEADLINE if cancelled == DEADLINE_EXCEEDED else Reason.CANCELLED
+    if timed_out:
+        return Reason.TIMED_OUT
+    if not_found:
+        return Reason.UNUSABLE
+    lower = stderr.lower()
+    return Reason.NO_SPACE if any(s in lower for s in _NO_SPACE_SAYINGS) else Reason.FAILED
 
 
 class Runner(Protocol):

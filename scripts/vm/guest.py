@@ -3,7 +3,9 @@
 It turns the blank extra disks into the volume group the tests expect, checks that the kernel
 really has what the lane exists for (device-mapper, thin pools, XFS project quotas), runs the
 steps (pytest tests/vm, csi-sanity against the lvm backend), and takes the volume group apart
-again. Progress goes to stdout (the host streams it); the verdict goes to results.json in the
+again. The csi-sanity runs (mount and block) go side by side, each against a driver of its own
+on a volume group of its own, so each sees only its own volumes and the VM's two processors
+both work. Progress goes to stdout (the host streams it); the verdict goes to results.json in the
 shared output directory.
 
 There is no udev in the guest, so lvm2 is told to create device nodes itself (lvm.conf below).
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from results import GUEST_UP_MARKER, Counts, Results, Step, junit_counts
@@ -112,7 +116,9 @@ class Guest:
         self.thinpool: str = args.thinpool
         self.pvs: list[str] = []
         self.spare: str = ""
-        self.vg_created = False
+        #: one blank disk per csi-sanity run beyond the first, each made a VG of its own
+        self.sanity_disks: list[str] = []
+        self.vgs_created: list[str] = []
         self.xfs_mount: Path | None = None
 
     def setup(self) -> str:
@@ -125,14 +131,14 @@ class Guest:
             raise SetupError("the guest kernel has no xfs in /proc/filesystems")
         self._configure_lvm()
         disks = extra_disks(self.args.disks, self.args.disk_bytes)
-        self.pvs, self.spare = disks[:2], disks[2]
+        self.pvs, self.spare, self.sanity_disks = disks[:2], disks[2], disks[3:]
         for disk in disks:
             probe = sh(["blkid", "-p", disk], self.env, check=False)
             if probe.returncode != 2:
                 raise SetupError(f"{disk} is not blank: {probe.stdout.strip()}")
         sh(["pvcreate", "-y", *self.pvs], self.env)
         sh(["vgcreate", self.vg, *self.pvs], self.env)
-        self.vg_created = True
+        self.vgs_created.append(self.vg)
         # Striped over both PVs so each keeps room for striped and raid1 volumes.
         sh(
             [
@@ -160,6 +166,23 @@ class Guest:
             f"VG {self.vg} on {' '.join(self.pvs)} (size {vgs[1]}, free {vgs[2]}), thin pool"
             f" {self.thinpool} {self.args.thinpool_size}, spare disk {self.spare}"
         )
+
+    def sanity_vgs(self, wanted: int) -> list[str]:
+        """Up to ``wanted`` volume groups for csi-sanity runs side by side: the lane's VG, then
+        one VG per sanity disk, each with a thin pool named like the lane's."""
+        vgs = [self.vg]
+        for i, disk in enumerate(self.sanity_disks[: max(0, wanted - 1)], start=1):
+            vg = f"{self.vg}{i}"
+            sh(["pvcreate", "-y", disk], self.env)
+            sh(["vgcreate", vg, disk], self.env)
+            self.vgs_created.append(vg)
+            size = self.args.thinpool_size
+            sh(
+                ["lvcreate", "-y", "--type", "thin-pool", "-L", size, "-n", self.thinpool, vg],
+                self.env,
+            )
+            vgs.append(vg)
+        return vgs
 
     def _configure_lvm(self) -> None:
         conf_dir = Path("/etc/lvm")
@@ -236,12 +259,12 @@ class Guest:
             if sh(["umount", str(self.xfs_mount)], self.env, check=False).returncode != 0:
                 problems.append(f"umount {self.xfs_mount} failed")
             sh(["wipefs", "-a", "-q", self.spare], self.env, check=False)
-        if self.vg_created:
-            remove_leftovers(self.vg, keep=(), env=self.env)
-            if sh(["vgremove", "-f", "-y", self.vg], self.env, check=False).returncode != 0:
-                problems.append(f"vgremove {self.vg} failed")
+        for vg in reversed(self.vgs_created):
+            remove_leftovers(vg, keep=(), env=self.env)
+            if sh(["vgremove", "-f", "-y", vg], self.env, check=False).returncode != 0:
+                problems.append(f"vgremove {vg} failed")
         if self.pvs:
-            sh(["pvremove", "-ff", "-y", *self.pvs], self.env, check=False)
+            sh(["pvremove", "-ff", "-y", *self.pvs, *self.sanity_disks], self.env, check=False)
         left = sh(["dmsetup", "ls"], self.env, check=False).stdout.strip()
         if left and "No devices found" not in left:
             problems.append(f"device-mapper devices left: {left}")
@@ -286,6 +309,57 @@ def run_pytest(guest: Guest, args: argparse.Namespace) -> Step:
     return Step("pytest tests/vm", ok, time.monotonic() - t0, detail, counts)
 
 
+def run_sanity_side_by_side(
+    guest: Guest, args: argparse.Namespace, sanity_args: list[str]
+) -> list[Step]:
+    """Every csi-sanity run asked for, as many at once as there are volume groups for them.
+    A run takes a VG from the pool and gives it back empty (run_sanity removes leftovers)."""
+    combos = [
+        (backend, access_type)
+        for backend in args.sanity_backends.split(",")
+        if backend
+        for access_type in args.sanity_types.split(",")
+        if access_type
+    ]
+    t0 = time.monotonic()
+    vgs: queue.Queue[str] = queue.Queue()
+    try:
+        for vg in guest.sanity_vgs(len(combos)):
+            vgs.put(vg)
+        hostpath_roots = {
+            (backend, access_type): guest.hostpath_root()
+            for backend, access_type in combos
+            if backend == "hostpath"
+        }
+    except (SetupError, subprocess.TimeoutExpired, OSError) as exc:
+        return [Step("csi-sanity setup", False, time.monotonic() - t0, str(exc))]
+
+    def one(combo: tuple[str, str]) -> Step:
+        backend, access_type = combo
+        vg = vgs.get()
+        try:
+            run = SanityRun(
+                backend=backend,
+                access_type=access_type,
+                root=Path(args.root),
+                out=Path(args.out),
+                state=STATE / f"sanity-{backend}-{access_type}",
+                csi_sanity=args.csi_sanity,
+                vg=vg,
+                thinpool=guest.thinpool,
+                extra_args=sanity_args,
+                min_passed=args.sanity_min_passed if not sanity_args else 1,
+                timeout=args.sanity_timeout,
+                hostpath_root=hostpath_roots.get(combo),
+            )
+            return run_sanity(run, guest.test_env())
+        finally:
+            vgs.put(vg)
+
+    with ThreadPoolExecutor(max_workers=vgs.qsize()) as pool:
+        return list(pool.map(one, combos))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.dup2(1, 2)  # one console stream: stderr on its own port arrives out of order
     parser = argparse.ArgumentParser(description=__doc__)
@@ -296,14 +370,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vg", default="csitest")
     parser.add_argument("--thinpool", default="thinpool")
     parser.add_argument("--thinpool-size", default="1536M")
-    parser.add_argument("--disks", type=int, default=3)
+    parser.add_argument("--disks", type=int, default=4)
     parser.add_argument("--disk-bytes", type=int, required=True)
     parser.add_argument("--csi-sanity", default="")
     parser.add_argument("--sanity-types", default="mount,block")
     parser.add_argument("--sanity-backends", default="lvm", help="lvm and/or hostpath")
     parser.add_argument("--sanity-min-passed", type=int, default=80)
     parser.add_argument("--pytest-timeout", type=float, default=1800)
-    parser.add_argument("--sanity-timeout", type=float, default=900)
+    # per run; two runs share the VM's processors
+    parser.add_argument("--sanity-timeout", type=float, default=1800)
     parser.add_argument("extra", nargs="*", help="arguments for pytest (or csi-sanity)")
     args = parser.parse_args(argv)
     args.pytest_args = args.extra if args.only != "sanity" else []
@@ -344,24 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.steps.append(run_pytest(guest, args))
             results.write(out)
         if args.only in ("all", "sanity"):
-            for backend in [b for b in args.sanity_backends.split(",") if b]:
-                for access_type in [t for t in args.sanity_types.split(",") if t]:
-                    run = SanityRun(
-                        backend=backend,
-                        access_type=access_type,
-                        root=Path(args.root),
-                        out=out,
-                        state=STATE / f"sanity-{backend}-{access_type}",
-                        csi_sanity=args.csi_sanity,
-                        vg=guest.vg,
-                        thinpool=guest.thinpool,
-                        extra_args=sanity_args,
-                        min_passed=args.sanity_min_passed if not sanity_args else 1,
-                        timeout=args.sanity_timeout,
-                        hostpath_root=guest.hostpath_root() if backend == "hostpath" else None,
-                    )
-                    results.steps.append(run_sanity(run, guest.test_env()))
-                    results.write(out)
+            results.steps.extend(run_sanity_side_by_side(guest, args, sanity_args))
+            results.write(out)
     finally:
         t1 = time.monotonic()
         problems = guest.teardown()

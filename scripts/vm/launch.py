@@ -2,7 +2,7 @@
 runs scripts/vm/guest.py inside it.
 
 The guest shares the host's filesystem (read-only, with a throw-away writable overlay over the
-checkout), gets three blank sparse disks, and writes its verdict into a shared directory. The
+checkout), gets four blank sparse disks, and writes its verdict into a shared directory. The
 lane passes only when the guest's exit code and its results file both say so; a VM that does
 not boot is a failure, never a skip. Everything is torn down on the way out, also on failure,
 timeout, Ctrl-C or SIGTERM: the qemu process tree is killed and the disk images deleted.
@@ -32,10 +32,12 @@ from results import GUEST_UP_MARKER, Counts, Results
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 DISK_BYTES = 2 * 1024**3
+#: two PVs of the lane's VG, a spare (XFS for the quota tests), one VG for a second csi-sanity
+DISKS = 4
 PR_SET_CHILD_SUBREAPER = 36
 # The code under test, copied at launch and bind-mounted over the checkout in the guest: the
 # guest caches the host's files, so one edited on the host mid-run would turn into ESTALE.
-SNAPSHOT = ("csi_driver", "tests")
+SNAPSHOT = ("csi_driver", "testkit", "tests")
 
 
 class Interrupted(Exception):
@@ -210,7 +212,7 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[list[str], dict[str, 
     out = work / "out"
     out.mkdir()
     disks = []
-    for i in range(3):
+    for i in range(DISKS):
         disk = work / f"disk{i}.img"
         with disk.open("wb") as f:
             f.truncate(DISK_BYTES)  # sparse: costs no space until the guest writes

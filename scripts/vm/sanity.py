@@ -164,6 +164,8 @@ def run_sanity(run: SanityRun, env: Mapping[str, str]) -> Step:
     sock = run.state / "csi.sock"
     driver_log = run.out / f"driver-{run.backend}-{run.access_type}.log"
     report = run.out / f"vm-sanity-{run.backend}-{run.access_type}.xml"
+    # its own file: runs go side by side, and their output would interleave on the console
+    sanity_log = run.out / f"csi-sanity-{run.backend}-{run.access_type}.log"
     driver_argv = [
         str(run.root / ".venv/bin/python"),
         "-m",
@@ -214,15 +216,18 @@ def run_sanity(run: SanityRun, env: Mapping[str, str]) -> Step:
                 "-ginkgo.no-color",
                 *run.extra_args,
             ]
-            print(f"csi-vm: {' '.join(sanity_argv)}", flush=True)
+            print(f"csi-vm: {' '.join(sanity_argv)} > {sanity_log.name}", flush=True)
             try:
-                rc = subprocess.run(
-                    sanity_argv,
-                    env=dict(env),
-                    stdin=subprocess.DEVNULL,
-                    timeout=run.timeout,
-                    check=False,
-                ).returncode
+                with sanity_log.open("wb") as sanity_out:
+                    rc = subprocess.run(
+                        sanity_argv,
+                        env=dict(env),
+                        stdin=subprocess.DEVNULL,
+                        stdout=sanity_out,
+                        stderr=subprocess.STDOUT,
+                        timeout=run.timeout,
+                        check=False,
+                    ).returncode
                 if rc != 0:
                     problems.append(f"csi-sanity exited with {rc}")
             except subprocess.TimeoutExpired:
@@ -249,6 +254,7 @@ def run_sanity(run: SanityRun, env: Mapping[str, str]) -> Step:
         subprocess.run(["umount", "-l", target], capture_output=True, timeout=60, check=False)
     if problems:
         print(
+            f"csi-vm: {run.label}: last lines of {sanity_log.name}:\n{_tail(sanity_log, 120)}\n"
             f"csi-vm: {run.label}: last lines of {driver_log.name}:\n{_tail(driver_log)}",
             flush=True,
         )

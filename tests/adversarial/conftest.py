@@ -43,7 +43,7 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
-from tests.driver_process import (
+from testkit.driver_process import (
     DriverProcess,
     MountNamespace,
     clean_up_host,

@@ -38,6 +38,7 @@ import pytest
 
 from csi_driver import ids
 from csi_driver.proto import csi_pb2
+from testkit.driver_process import loops_under
 from tests.adversarial.conftest import (
     CAPACITY,
     EPHEMERAL_CONTEXT,
@@ -54,7 +55,6 @@ from tests.adversarial.conftest import (
     running,
     seeds,
 )
-from tests.driver_process import loops_under
 from tests.requests import block_cap, mount_cap
 
 pytestmark = pytest.mark.root

@@ -39,6 +39,7 @@ import pytest
 
 from csi_driver import ids
 from csi_driver.proto import csi_pb2
+from testkit.driver_process import loops_under, wait_for_exit
 from tests.adversarial.conftest import (
     CAPACITY,
     EPHEMERAL_CONTEXT,
@@ -55,7 +56,6 @@ from tests.adversarial.conftest import (
     root_entries,
     seeds,
 )
-from tests.driver_process import loops_under, wait_for_exit
 from tests.requests import mount_cap
 
 pytestmark = pytest.mark.root

@@ -15,6 +15,7 @@ import pytest
 from csi_driver.errors import CsiError
 from csi_driver.proto import csi_pb2
 from csi_driver.services.peer import Forwarder, channel_credentials
+from testkit.driver_process import DriverProcess, free_port
 from tests.chart.chartlib import (
     ChartTools,
     Obj,
@@ -27,7 +28,6 @@ from tests.chart.chartlib import (
     volume,
 )
 from tests.chart.chartlib import render_text as render
-from tests.driver_process import DriverProcess, free_port
 from tests.requests import create_request
 
 

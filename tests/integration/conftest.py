@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.driver_process import Csi, DriverProcess, clean_up_host, csi_stubs, mounts_under
+from testkit.driver_process import Csi, DriverProcess, clean_up_host, csi_stubs, mounts_under
 
 NODE_ID = "it-node"
 

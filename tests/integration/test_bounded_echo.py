@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from csi_driver.bounded import STATUS_MESSAGE_BYTES
-from tests.driver_process import Csi, DriverProcess, csi_stubs
+from testkit.driver_process import Csi, DriverProcess, csi_stubs
 from tests.requests import create_request
 
 pytestmark = pytest.mark.root

@@ -46,8 +46,8 @@ import pytest
 
 from csi_driver import ids
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
-from tests.driver_process import REPO as REPO_ROOT
-from tests.driver_process import DriverProcess, loops_under, mounts_under
+from testkit.driver_process import REPO as REPO_ROOT
+from testkit.driver_process import DriverProcess, loops_under, mounts_under
 from tests.integration.conftest import NODE_ID
 from tests.requests import block_cap, mount_cap
 

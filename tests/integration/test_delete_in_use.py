@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2
-from tests.driver_process import Csi, DriverProcess, loops_under, mounts_under
+from testkit.driver_process import Csi, DriverProcess, loops_under, mounts_under
 
 pytestmark = pytest.mark.root
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from csi_driver import ids
-from csi_driver.backends.hostpath.backend import IMAGE_NAME, HostPathBackend
+from csi_driver.backends.hostpath.backend import HostPathBackend
+from csi_driver.backends.hostpath.layout import IMAGE_NAME
 from csi_driver.errors import (
     CsiError,
     FailedPrecondition,

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2
-from tests.driver_process import REPO, Csi, DriverProcess, csi_stubs, mounts_under
+from testkit.driver_process import REPO, Csi, DriverProcess, csi_stubs, mounts_under
 
 pytestmark = pytest.mark.root
 

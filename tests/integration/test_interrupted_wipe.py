@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2
-from tests.driver_process import Csi, DriverProcess, csi_stubs
+from testkit.driver_process import Csi, DriverProcess, csi_stubs
 
 pytestmark = pytest.mark.root
 

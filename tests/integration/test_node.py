@@ -25,7 +25,7 @@ from csi_driver.system.confined import Jail
 from csi_driver.system.filesystem import FilesystemError, Filesystems
 from csi_driver.system.mounter import Mounter
 from csi_driver.system.runner import SubprocessRunner
-from tests.driver_process import Csi, DriverProcess, loops_under, mounts_under
+from testkit.driver_process import Csi, DriverProcess, loops_under, mounts_under
 from tests.integration.conftest import NODE_ID
 from tests.requests import block_cap, mount_cap, rpc_code
 

@@ -32,7 +32,7 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2
-from tests.driver_process import (
+from testkit.driver_process import (
     Csi,
     DriverProcess,
     MountNamespace,
@@ -283,6 +283,29 @@ def test_ephemeral_unpublish_killed_then_retried(node: Node, failpoint: str) -> 
     reply = node.csi.controller.ListVolumes(csi_pb2.ListVolumesRequest())
     assert list(reply.entries) == []
     assert node.loops() == []
+
+
+def test_ephemeral_target_made_but_not_marked_then_unpublish_killed_after_delete(
+    node: Node,
+) -> None:
+    """A kill between making the target directory and marking it ours leaves a directory the
+    driver will not remove; a later unpublish killed once the volume is deleted must still
+    finish on its retry (the kubelet removes the empty directory), not answer NOT_FOUND."""
+    target = node.target("inline")
+    kubelet_id = "csi-inline-0003"
+    killed_at(node, "publish.made", lambda: node.publish(kubelet_id, target, context=EPHEMERAL))
+    node.publish(kubelet_id, target, context=EPHEMERAL)
+    assert target in node.mounts()
+    killed_at(node, "ephemeral.deleted", lambda: node.unpublish(kubelet_id, target))
+    node.unpublish(kubelet_id, target)
+    node.unpublish(kubelet_id, target)
+    assert node.mounts() == []
+    assert os.listdir(target) == []  # left for the kubelet: the driver never marked it
+    reply = node.csi.controller.ListVolumes(csi_pb2.ListVolumesRequest())
+    assert list(reply.entries) == []
+    (Path(target) / "data").write_text("someone's")  # no longer empty: not ours to pass over
+    assert rpc_code(lambda: node.unpublish(kubelet_id, target)) == grpc.StatusCode.NOT_FOUND
+    assert (Path(target) / "data").read_text() == "someone's"
 
 
 @pytest.mark.parametrize(

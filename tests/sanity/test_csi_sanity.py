@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.driver_process import DriverProcess, clean_up_host, mounts_under
+from testkit.driver_process import DriverProcess, clean_up_host, mounts_under
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = ROOT / "scripts" / "install-csi-sanity.sh"

@@ -21,12 +21,10 @@ from pathlib import Path
 import pytest
 
 from csi_driver import ids
-from csi_driver.backends.hostpath import backend as backend_mod
-from csi_driver.backends.hostpath.backend import (
-    IMAGE_NAME,
-    SIZE_ENFORCED_KEY,
-    HostPathBackend,
-)
+from csi_driver.backends.hostpath import limits as limits_mod
+from csi_driver.backends.hostpath.backend import SIZE_ENFORCED_KEY, HostPathBackend
+from csi_driver.backends.hostpath.layout import IMAGE_NAME
+from csi_driver.backends.hostpath.snapshots import Snapshots
 from csi_driver.backends.hostpath.store import (
     FIRST_PROJECT_ID,
     SCHEMA_VERSION,
@@ -36,6 +34,7 @@ from csi_driver.backends.hostpath.store import (
     StoreError,
     VolumeRow,
 )
+from csi_driver.backends.hostpath.volumes import Volumes
 from csi_driver.errors import (
     Aborted,
     AlreadyExists,
@@ -46,7 +45,7 @@ from csi_driver.errors import (
     ResourceExhausted,
 )
 from csi_driver.model import AccessType, ContentSource, Parameters, SourceKind, VolumeSpec
-from csi_driver.system import fsinfo
+from csi_driver.system import extents, fsinfo
 from csi_driver.system.runner import DEFAULT_TIMEOUT, CommandError, CommandResult, SubprocessRunner
 from csi_driver.units import MiB
 
@@ -441,14 +440,14 @@ def test_a_create_killed_half_way_is_rolled_back_at_restart_and_redone_by_its_re
     open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend = open_backend()
-    built = HostPathBackend._build_volume
+    built = Volumes.build
 
-    def killed_after_building(self: HostPathBackend, row: VolumeRow, source: object) -> None:
+    def killed_after_building(self: Volumes, row: VolumeRow, source: object) -> None:
         built(self, row, source)  # type: ignore[arg-type]
-        (self._volume_path(row.local_id) / "half-copied").write_text("junk")
+        (backend._layout.volume(row.local_id) / "half-copied").write_text("junk")
         raise Killed
 
-    monkeypatch.setattr(HostPathBackend, "_build_volume", killed_after_building)
+    monkeypatch.setattr(Volumes, "build", killed_after_building)
     with pytest.raises(Killed):
         backend.create_volume(spec("pvc-a", 4 * MiB))
     monkeypatch.undo()
@@ -471,7 +470,7 @@ def test_an_unfinished_create_gives_way_to_a_changed_request(
     open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend = open_backend()
-    monkeypatch.setattr(HostPathBackend, "_build_volume", lambda *a: (_ for _ in ()).throw(Killed))
+    monkeypatch.setattr(Volumes, "build", lambda *a: (_ for _ in ()).throw(Killed))
     with pytest.raises(Killed):
         backend.create_volume(spec("pvc-a", 4 * MiB))
     monkeypatch.undo()
@@ -487,12 +486,8 @@ def test_a_delete_killed_half_way_is_finished_at_start(
     backend = open_backend()
     volume = backend.create_volume(spec("pvc-a", 4 * MiB))
     snap = backend.create_snapshot("snap-a", volume.id, {})
-    monkeypatch.setattr(
-        HostPathBackend, "_finish_volume_delete", lambda *a: (_ for _ in ()).throw(Killed)
-    )
-    monkeypatch.setattr(
-        HostPathBackend, "_finish_snapshot_delete", lambda *a: (_ for _ in ()).throw(Killed)
-    )
+    monkeypatch.setattr(Volumes, "finish_delete", lambda *a: (_ for _ in ()).throw(Killed))
+    monkeypatch.setattr(Snapshots, "finish_delete", lambda *a: (_ for _ in ()).throw(Killed))
     with pytest.raises(Killed):
         backend.delete_volume(volume.id)
     with pytest.raises(Killed):
@@ -518,7 +513,7 @@ def _interrupt_a_wiping_delete(
     volume = backend.create_volume(spec(name, 8 * MiB, parameters={"wipeOnDelete": "true"}))
     data = open_backend.root / "volumes" / local(volume.id) / "data"
     data.write_bytes(b"secret" * 1000)
-    monkeypatch.setattr(HostPathBackend, "_wipe", lambda *a: (_ for _ in ()).throw(Killed))
+    monkeypatch.setattr(extents, "wipe", lambda *a: (_ for _ in ()).throw(Killed))
     with pytest.raises(Killed):
         backend.delete_volume(volume.id)
     monkeypatch.undo()
@@ -530,14 +525,14 @@ def test_an_interrupted_wipe_is_finished_in_the_background_and_its_retry_waits_f
 ) -> None:
     volume_id, data = _interrupt_a_wiping_delete(open_backend, monkeypatch, "pvc-w")
     wiping, release = threading.Event(), threading.Event()
-    wipe = HostPathBackend._wipe
+    wipe = extents.wipe
 
     def slow_wipe(path: Path, stop: threading.Event | None = None) -> None:
         wiping.set()
         assert release.wait(10)
         wipe(path, stop)
 
-    monkeypatch.setattr(HostPathBackend, "_wipe", staticmethod(slow_wipe))
+    monkeypatch.setattr(extents, "wipe", slow_wipe)
     backend = open_backend()  # returns while the wipe still runs
     assert wiping.wait(10)
     assert backend.health() is None
@@ -561,7 +556,7 @@ def test_a_backend_closed_during_a_background_wipe_leaves_it_to_the_next_start(
     open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     volume_id, data = _interrupt_a_wiping_delete(open_backend, monkeypatch, "pvc-c")
-    wipe = HostPathBackend._wipe
+    wipe = extents.wipe
     wiping = threading.Event()
 
     def wipe_until_stopped(path: Path, stop: threading.Event | None = None) -> None:
@@ -569,7 +564,7 @@ def test_a_backend_closed_during_a_background_wipe_leaves_it_to_the_next_start(
         assert stop is not None and stop.wait(10)
         wipe(path, stop)
 
-    monkeypatch.setattr(HostPathBackend, "_wipe", staticmethod(wipe_until_stopped))
+    monkeypatch.setattr(extents, "wipe", wipe_until_stopped)
     open_backend()
     assert wiping.wait(10)
     open_backend.close()  # stops the wipe at its next chunk
@@ -735,9 +730,9 @@ def test_ids_of_other_nodes_or_malformed_ids_name_nothing(open_backend: _Opener)
             backend.set_published(bad, NODE, True)
     assert backend.get_volume(volume.id) == volume
     with pytest.raises(Internal):
-        backend._volume_path("../../etc")
+        backend._layout.volume("../../etc")
     with pytest.raises(Internal):
-        backend._snapshot_path("s" + "0" * 31 + "/")
+        backend._layout.snapshot("s" + "0" * 31 + "/")
 
 
 def test_published_nodes_are_recorded_and_block_deletion(open_backend: _Opener) -> None:
@@ -811,9 +806,9 @@ class FakeQuota:
 def test_quota_calls_follow_the_volume(
     open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(backend_mod, "enforces_project_quota", lambda mount: True)
-    monkeypatch.setattr(backend_mod, "XfsProjectQuota", FakeQuota)
-    monkeypatch.setattr(backend_mod, "project_of", lambda path: (0, False))
+    monkeypatch.setattr(limits_mod, "enforces_project_quota", lambda mount: True)
+    monkeypatch.setattr(limits_mod, "XfsProjectQuota", FakeQuota)
+    monkeypatch.setattr(limits_mod, "project_of", lambda path: (0, False))
     backend = open_backend()
     quota = FakeQuota.last
     volume = backend.create_volume(spec("d", 4 * MiB))

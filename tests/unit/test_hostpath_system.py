@@ -243,7 +243,7 @@ def test_space_and_missing_paths(tmp_path: Path) -> None:
 
 
 def test_wipe_zeroes_data_in_place_and_never_follows_links(tmp_path: Path) -> None:
-    from csi_driver.backends.hostpath.backend import HostPathBackend
+    from csi_driver.system import extents
 
     volume = tmp_path / "vol"
     (volume / "sub").mkdir(parents=True)
@@ -258,7 +258,7 @@ def test_wipe_zeroes_data_in_place_and_never_follows_links(tmp_path: Path) -> No
         f.seek(32 << 20)
         f.write(b"secret")
     os.mkfifo(volume / "fifo")
-    HostPathBackend._wipe(volume)
+    extents.wipe(volume)
     assert data.read_bytes() == bytes(600_000)
     with open(sparse, "rb") as f:
         f.seek(32 << 20)

@@ -39,3 +39,14 @@ def test_foreign_ids_are_not_found(value: str) -> None:
 def test_empty_id_is_invalid_argument() -> None:
     with pytest.raises(InvalidArgument):
         ids.require_volume_id("")
+
+
+def test_the_local_part_is_given_only_for_this_nodes_ids_of_the_kind() -> None:
+    v = ids.volume_id_for("pvc-1", "node-a")
+    local = ids.local_of(v, "v", "node-a")
+    assert local is not None and local == v.partition("@")[0]
+    assert ids.id_of(local, "node-a") == v
+    assert ids.local_of(v, "v", "node-b") is None
+    assert ids.local_of(v, "s", "node-a") is None
+    assert ids.local_of(v + "\n", "v", "node-a") is None
+    assert ids.local_of("", "v", "node-a") is None

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -20,6 +21,7 @@ from csi_driver import ids
 from csi_driver.backends.lvm import tags as lvtags
 from csi_driver.backends.lvm.backend import LvmBackend
 from csi_driver.backends.lvm.lvm2 import csi_error, parse_fullreport
+from csi_driver.config import Config, parse_endpoint
 from csi_driver.config.device_classes import (
     DeviceClass,
     DeviceClassError,
@@ -27,8 +29,16 @@ from csi_driver.config.device_classes import (
     parse_device_classes,
 )
 from csi_driver.errors import CsiError
-from csi_driver.model import AccessType, ContentSource, SourceKind, VolumeSpec
+from csi_driver.model import (
+    AccessMode,
+    AccessType,
+    Capability,
+    ContentSource,
+    SourceKind,
+    VolumeSpec,
+)
 from csi_driver.services import sizing
+from csi_driver.services.ephemeral import EphemeralVolumes
 from csi_driver.system.runner import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -335,6 +345,10 @@ def test_fullreport_is_parsed_per_volume_group(lvm: FakeLvm) -> None:
             CommandError(["lvremove"], 5, stderr="  Logical volume vg0/v1 in use."),
             grpc.StatusCode.FAILED_PRECONDITION,
         ),
+        (
+            CommandError(["lvcreate"], 5, stderr='  Logical Volume "v1" already exists in group'),
+            grpc.StatusCode.ALREADY_EXISTS,
+        ),
         (CommandError(["lvcreate"], None, timed_out=True), grpc.StatusCode.DEADLINE_EXCEEDED),
         (CommandError(["lvcreate"], None, not_found=True), grpc.StatusCode.UNAVAILABLE),
         (CommandError(["lvcreate"], None, cancelled=CANCELLED), grpc.StatusCode.CANCELLED),
@@ -351,6 +365,7 @@ def test_fullreport_is_parsed_per_volume_group(lvm: FakeLvm) -> None:
         "no-space",
         "vg-missing",
         "in-use",
+        "exists",
         "timeout",
         "no-lvm2",
         "cancelled",
@@ -734,3 +749,46 @@ def test_a_volume_of_a_class_no_longer_configured_cannot_be_sized(
         only_thin.round_size(200 * MiB, found.parameters)
     assert code(exc) == grpc.StatusCode.FAILED_PRECONDITION
     assert "deviceClass 'thick' is not configured" in exc.value.message
+
+
+# --- inline ephemeral volumes ------------------------------------------------------------------
+
+
+def ephemeral_spec(backend: LvmBackend, fs_type: str, attributes: dict[str, str]) -> VolumeSpec:
+    config = Config(endpoint=parse_endpoint("unix:///tmp/csi.sock"), node_id=NODE)
+    ephemeral = EphemeralVolumes(cast(Any, None), config, backend, "/tmp/state")
+    cap = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER, fs_type=fs_type)
+    context = {"csi.storage.k8s.io/ephemeral": "true", "size": "64Mi", **attributes}
+    return ephemeral.spec("csi-0123abcd", cap, context)
+
+
+@pytest.mark.parametrize(("fs_type", "expected"), [("", "xfs"), ("xfs", "xfs")])
+def test_an_inline_volume_takes_its_filesystem_from_its_attributes(
+    backend: LvmBackend, fs_type: str, expected: str
+) -> None:
+    """fsType given only as a volume attribute (not in the capability) is honoured, as the
+    StorageClass parameter is for CreateVolume."""
+    volume = backend.create_volume(ephemeral_spec(backend, fs_type, {"fsType": "xfs"}))
+    assert volume.fs_type == expected
+
+
+def test_an_inline_volume_without_a_filesystem_gets_the_default(backend: LvmBackend) -> None:
+    assert backend.create_volume(ephemeral_spec(backend, "", {})).fs_type == "ext4"
+
+
+@pytest.mark.parametrize(
+    ("fs_type", "attributes", "message"),
+    [
+        ("", {"fsType": "btrfs"}, "fsType 'btrfs' is not supported"),
+        ("", {"fsType": "x" * 5000}, "(5000 bytes)"),
+        ("ext4", {"fsType": "xfs"}, "fs_type 'ext4' but the parameter fsType says 'xfs'"),
+        ("btrfs", {}, "fs_type 'btrfs' is not supported"),
+    ],
+)
+def test_an_inline_volume_with_a_filesystem_it_cannot_have_is_invalid(
+    backend: LvmBackend, lvm: FakeLvm, fs_type: str, attributes: dict[str, str], message: str
+) -> None:
+    with pytest.raises(CsiError, match=re.escape(message)) as exc:
+        backend.create_volume(ephemeral_spec(backend, fs_type, attributes))
+    assert code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "lvcreate" not in lvm.commands()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from csi_driver.model import AccessType, ContentSource, Parameters, SourceKind
+from csi_driver.system.failure import SystemFailure
 
 SCHEMA_VERSION = 1
 #: project ids are handed out from here up; small numbers are left to the host's admin
@@ -94,7 +95,7 @@ class State(enum.Enum):
     DELETING = "deleting"
 
 
-class StoreError(Exception):
+class StoreError(SystemFailure):
     """The database cannot be used; the message says why and what to do."""
 
 

@@ -5,29 +5,24 @@ Everything the lvm backend learns about volume groups comes from one ``lvm fullr
 change something. lvm2 calls cost ~100 ms each on real nodes; every call goes through the
 project's runner, which counts and times it.
 
-Errors: :func:`csi_error` turns a failed lvm2 command into the CSI code its stderr means (no
-space, VG missing, LV in use, timeout) with lvm2's own words in the message.
+Errors: :func:`failure` reads what a failed lvm2 command means from its stderr (no space, VG
+missing, LV in use, timeout), keeping lvm2's own words for the message; :func:`csi_error` hands
+that to the driver's one translation into CSI codes (:mod:`csi_driver.system_errors`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import grpc
-
-from csi_driver.errors import (
-    AlreadyExists,
-    CsiError,
-    DeadlineExceeded,
-    FailedPrecondition,
-    Internal,
-    ResourceExhausted,
-    Unavailable,
-)
-from csi_driver.system.runner import DEADLINE_EXCEEDED, CommandError, Runner
+from csi_driver import callmemo
+from csi_driver.errors import CsiError, Internal
+from csi_driver.system.failure import Reason, SystemFailure
+from csi_driver.system.runner import CommandError, Runner
+from csi_driver.system_errors import to_csi
 
 #: lvm2 metadata commits can wait on locks held by other lvm2 commands on a busy node
 CHANGE_TIMEOUT = 120.0
@@ -160,34 +155,36 @@ _VG_MISSING = ("volume group", "not found")
 _IN_USE = ("in use", "is open", "contains a filesystem in use")
 
 
-def csi_error(exc: CommandError, what: str) -> CsiError:
-    """The CSI error for a failed lvm2 command; ``what`` says what was being done."""
+def failure(exc: CommandError) -> SystemFailure:
+    """What a failed lvm2 command means, read from lvm2's own words (LC_ALL=C): no space, VG
+    missing, LV exists or is in use; a command stopped, out of time or not there is said so."""
     detail = " ".join(line.strip() for line in exc.stderr.strip().splitlines()[-3:])
     lower = exc.stderr.lower()
-    if exc.cancelled:
-        # the RPC was called off: the command was killed, as a kill of the driver would
-        code = (
-            grpc.StatusCode.DEADLINE_EXCEEDED
-            if exc.cancelled == DEADLINE_EXCEEDED
-            else grpc.StatusCode.CANCELLED
+    if exc.reason is Reason.TIMED_OUT:
+        return SystemFailure(
+            f"{exc.argv[0]} did not finish in time; the operation may still complete",
+            reason=Reason.TIMED_OUT,
         )
-        return CsiError(f"cannot {what}: {exc}; retry it", code)
-    if exc.timed_out:
-        return DeadlineExceeded(
-            f"cannot {what}: {exc.argv[0]} did not finish in time; the operation may still"
-            " complete, retry it"
+    if exc.reason is Reason.UNUSABLE:
+        return SystemFailure(
+            f"lvm2 is not installed ({exc.argv[0]} not found)", reason=Reason.UNUSABLE
         )
-    if exc.not_found:
-        return Unavailable(f"cannot {what}: lvm2 is not installed ({exc.argv[0]} not found)")
+    if exc.reason in (Reason.CANCELLED, Reason.DEADLINE):
+        return exc
     if any(s in lower for s in _NO_SPACE):
-        return ResourceExhausted(f"cannot {what}: not enough space: {detail}")
+        return SystemFailure(f"not enough space: {detail}", reason=Reason.NO_SPACE)
     if all(s in lower for s in _VG_MISSING) and "logical volume" not in lower:
-        return FailedPrecondition(f"cannot {what}: the volume group is missing: {detail}")
+        return SystemFailure(f"the volume group is missing: {detail}", reason=Reason.WRONG_STATE)
     if "already exists" in lower:
-        return AlreadyExists(f"cannot {what}: {detail}")
+        return SystemFailure(detail, reason=Reason.EXISTS)
     if any(s in lower for s in _IN_USE):
-        return FailedPrecondition(f"cannot {what}: the logical volume is in use: {detail}")
-    return Internal(f"cannot {what}: {exc}")
+        return SystemFailure(f"the logical volume is in use: {detail}", reason=Reason.IN_USE)
+    return exc
+
+
+def csi_error(exc: CommandError, what: str) -> CsiError:
+    """The CSI error for a failed lvm2 command; ``what`` says what was being done."""
+    return to_csi(failure(exc), what)
 
 
 class Lvm2:
@@ -198,18 +195,44 @@ class Lvm2:
     def __init__(self, runner: Runner, *, udev_sync: bool = True) -> None:
         self._runner = runner
         self._udev = () if udev_sync else ("--noudevsync",)
+        #: counts the changes begun through this object: a report read before the count moved
+        #: may be stale, so a call's memo keeps it only while the count stands still
+        self._changes = 0
+        self._changes_lock = threading.Lock()
 
     def _run(self, argv: Sequence[str], what: str, timeout: float = CHANGE_TIMEOUT) -> str:
+        """A command that changes the volume groups."""
+        self._count_change()
         try:
             return self._runner.run(list(argv), timeout=timeout).stdout
         except CommandError as exc:
             raise csi_error(exc, what) from exc
+        finally:
+            self._count_change()  # also a failed or killed change may have changed something
+
+    def _count_change(self) -> None:
+        with self._changes_lock:
+            self._changes += 1
 
     # --- reading ---------------------------------------------------------------------------
 
     def report(self, vgs: Iterable[str]) -> dict[str, VolumeGroup]:
-        """Every named VG with all its LVs, in one call. A missing VG is simply absent."""
+        """Every named VG with all its LVs, in one call. A missing VG is simply absent.
+
+        Within one RPC (``callmemo``) the answer is read once and reused until a change
+        begins through this object, in this call or another."""
         names = sorted(set(vgs))
+        memo = callmemo.current()
+        key = ("lvm report", tuple(names))
+        changes = self._changes
+        if memo is not None and key in memo and memo[key][0] == changes:
+            return dict(memo[key][1])
+        groups = self._read_report(names)
+        if memo is not None:
+            memo[key] = (changes, groups)
+        return dict(groups)
+
+    def _read_report(self, names: list[str]) -> dict[str, VolumeGroup]:
         argv = [
             "lvm",
             "fullreport",
