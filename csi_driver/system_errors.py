@@ -19,6 +19,7 @@ is not.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 
@@ -36,6 +37,8 @@ from csi_driver.errors import (
     Unavailable,
 )
 from csi_driver.system.failure import Reason, SystemFailure, reason_of_errno
+
+log = logging.getLogger(__name__)
 
 #: the longest message a failure becomes (paths and a program's stderr are quoted in it)
 MESSAGE_CHARS = 1024
@@ -59,7 +62,7 @@ ERRORS: Mapping[Reason, type[CsiError]] = MappingProxyType(
 
 def _reason(exc: SystemFailure | OSError, request_paths: bool) -> Reason:
     if isinstance(exc, SystemFailure):
-        reason, from_errno = exc.reason, exc.errno is not None
+        reason, from_errno = exc.reason, exc.from_errno
     else:
         reason, from_errno = reason_of_errno(exc.errno), True
     if from_errno and not request_paths and reason is not Reason.NO_SPACE:
@@ -94,4 +97,8 @@ def system_errors(what: str = "", *, request_paths: bool = False) -> Iterator[No
     except CsiError:
         raise
     except (SystemFailure, OSError) as exc:
-        raise to_csi(exc, what, request_paths=request_paths) from exc
+        error = to_csi(exc, what, request_paths=request_paths)
+        if not isinstance(exc, SystemFailure) and error.code is Internal.code:
+            # a bare OSError the system layer did not expect: keep where it came from
+            log.error("unexpected failure of the host", exc_info=exc)
+        raise error from exc

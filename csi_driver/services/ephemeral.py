@@ -126,6 +126,26 @@ class EphemeralVolumes:
             return False
         return self._backend.get_volume(volume_id) is not None
 
+    def finished(
+        self, kubelet_id: str, path: str, holds_nothing: Callable[[str], tuple[bool, bool]]
+    ) -> bool:
+        """Whether NodeUnpublishVolume of an inline volume that does not exist (``owns`` is
+        False) has nothing left to do: the retry of an unpublish that finished. True when the
+        target is absent; also when it is an empty directory or file that is no mount (a kill
+        between making it and marking it ours leaves one; the kubelet removes it once the
+        call succeeds), but then only if the private staging directory is gone too and the
+        backend sees all its storage: at boot a volume group not yet found hides volumes, and
+        a volume hidden is not a volume gone."""
+        volume_id, staging_path = self._ids(kubelet_id)
+        with self._node.locks.hold(volume_id, self._node.lock_key(path)):
+            absent, empty = holds_nothing(path)
+            if absent:
+                return True
+            if not empty or self._backend.health() is not None:
+                return False
+            with system_errors(), self._jail.existing(staging_path) as staging:
+                return staging is None or staging.lstat() is None
+
     def volume_or_ephemeral(self, volume_id: str) -> model.Volume:
         """The volume of one of our ids, or of kubelet's id of an ephemeral inline volume
         (kubelet asks for the stats of those under its own id)."""

@@ -430,11 +430,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             if self.ephemeral.owns(volume_id):
                 self.ephemeral.unpublish(volume_id, path)
                 return csi_pb2.NodeUnpublishVolumeResponse()
-            if self._holds_nothing(path):
-                # Not a volume of ours, and nothing there: the retry of an ephemeral volume's
-                # unpublish that finished (the volume is gone with it). An empty directory may
-                # remain when a kill fell between making it and marking it ours; the kubelet
-                # removes it once this call succeeds.
+            if self.ephemeral.finished(volume_id, path, self._holds_nothing):
                 return csi_pb2.NodeUnpublishVolumeResponse()
         ids.require_volume_id(volume_id)
         with self._locks.hold(volume_id, self.lock_key(path)), system_errors(request_paths=True):
@@ -446,12 +442,13 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         log.info("unpublished", extra={"volume_id": volume_id, "target_path": path})
         return csi_pb2.NodeUnpublishVolumeResponse()
 
-    def _holds_nothing(self, path: str) -> bool:
-        """True when ``path`` is absent, or an empty directory or file that is no mount."""
+    def _holds_nothing(self, path: str) -> tuple[bool, bool]:
+        """(absent, empty): whether ``path`` is absent; whether it is an empty directory or
+        file that is no mount point."""
         with system_errors(request_paths=True), self.jail.existing(path) as where:
             if where is None or where.lstat() is None:
-                return True
-            return not self._mounter.is_mount_point(where.path) and where.is_empty()
+                return True, True
+            return False, not self._mounter.is_mount_point(where.path) and where.is_empty()
 
     def unpublish(
         self, volume: model.Volume, attachment: model.Attachment | None, target: Confined

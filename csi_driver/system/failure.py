@@ -78,6 +78,8 @@ class SystemFailure(Exception):
     ) -> None:
         super().__init__(message)
         self.errno = errno
+        #: the reason was read from ``errno`` (the kernel's word about some path), not given
+        self.from_errno = reason is None and errno is not None
         if reason is None:
             reason = reason_of_errno(errno) if errno is not None else self.default_reason
         self.reason = reason

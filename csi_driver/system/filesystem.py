@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from csi_driver.model import Usage
+from csi_driver.system import fsinfo
 from csi_driver.system.failure import SystemFailure
 from csi_driver.system.runner import CommandError, Runner
 
@@ -179,15 +180,6 @@ class Filesystems:
         """Bytes and inodes of the filesystem holding ``path``; ``available`` is what an
         unprivileged writer can still use."""
         try:
-            st = os.statvfs(path)
-        except OSError as exc:
-            raise FilesystemError(f"statvfs {path}: {exc.strerror}") from exc
-        unit = st.f_frsize or st.f_bsize
-        return Usage(
-            total_bytes=st.f_blocks * unit,
-            used_bytes=max(0, (st.f_blocks - st.f_bfree) * unit),
-            available_bytes=st.f_bavail * unit,
-            total_inodes=st.f_files,
-            used_inodes=max(0, st.f_files - st.f_ffree),
-            available_inodes=st.f_favail,
-        )
+            return fsinfo.usage(path)
+        except fsinfo.FsInfoError as exc:
+            raise FilesystemError(str(exc), errno=exc.errno) from exc

@@ -1,10 +1,11 @@
 """Facts about the filesystem holding a path, and copying data within it.
 
-Space numbers come from ``statvfs``; the filesystem type and its superblock options (which
-say, for example, whether XFS enforces project quotas) come from the mount table, because
-``statvfs`` does not report them. Copies go through ``cp`` with ``--reflink=auto`` so that a
-filesystem able to share extents (XFS with reflink, btrfs) makes an instant, space-free copy
-and any other filesystem gets an ordinary one; ``cp`` also keeps sparse files sparse.
+Space and inode numbers come from ``statvfs`` (its one reader is :func:`usage`); the filesystem
+type and its superblock options (which say, for example, whether XFS enforces project quotas)
+come from the mount table, because ``statvfs`` does not report them. Copies go through ``cp``
+with ``--reflink=auto`` so that a filesystem able to share extents (XFS with reflink, btrfs)
+makes an instant, space-free copy and any other filesystem gets an ordinary one; ``cp`` also
+keeps sparse files sparse.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+from csi_driver.model import Usage
 from csi_driver.system.failure import SystemFailure
 from csi_driver.system.mounter import MOUNTINFO, MountInfo, covering, read_mountinfo
 from csi_driver.system.runner import Runner
@@ -27,19 +28,22 @@ class FsInfoError(SystemFailure):
     """A filesystem fact could not be read; the message names the path and the cause."""
 
 
-@dataclass(frozen=True)
-class Space:
-    total_bytes: int
-    free_bytes: int  # what an unprivileged writer can still use (f_bavail)
-
-
-def space(path: str | Path) -> Space:
+def usage(path: str | Path | int) -> Usage:
+    """Bytes and inodes of the filesystem holding ``path`` (a path or an open descriptor), the
+    one ``statvfs`` reader; ``available`` is what an unprivileged writer can still use."""
     try:
         st = os.statvfs(path)
     except OSError as exc:
         raise FsInfoError(f"statvfs {path}: {exc.strerror}") from exc
     unit = st.f_frsize or st.f_bsize
-    return Space(total_bytes=st.f_blocks * unit, free_bytes=st.f_bavail * unit)
+    return Usage(
+        total_bytes=st.f_blocks * unit,
+        used_bytes=max(0, (st.f_blocks - st.f_bfree) * unit),
+        available_bytes=st.f_bavail * unit,
+        total_inodes=st.f_files,
+        used_inodes=max(0, st.f_files - st.f_ffree),
+        available_inodes=st.f_favail,
+    )
 
 
 def mount_of(path: str | Path, mountinfo: str = MOUNTINFO) -> MountInfo:
@@ -65,7 +69,9 @@ def mounts_showing(path: str | Path, mountinfo: str = MOUNTINFO) -> list[str]:
         mounts = read_mountinfo(mountinfo)
     except OSError as exc:
         raise FsInfoError(f"cannot look up the mounts of {real}: {exc.strerror}") from exc
-    holder = mount_of(real, mountinfo)
+    holder = covering(mounts, real)  # the table just read: not a second read
+    if holder is None:
+        raise FsInfoError(f"no mount in {mountinfo} holds {real}")
     inner = os.path.normpath(os.path.join(holder.root, os.path.relpath(real, holder.mount_point)))
     dev = (os.major(st.st_dev), os.minor(st.st_dev))
     return [

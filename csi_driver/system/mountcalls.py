@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from csi_driver.system.failure import SystemFailure
+from csi_driver.system.failure import Reason, SystemFailure
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,11 @@ MOUNT_FLAGS = frozenset(_ATTRS) | frozenset(_ATIME)
 
 class MountError(SystemFailure):
     """A mount operation could not be done; the message says what and why, ``errno`` the
-    kernel's reason when there is one."""
+    kernel's reason when there is one. ENOENT from mount(2) means a device or directory went
+    away under the driver, not that the request named nothing: the driver's failure."""
 
     def __init__(self, message: str, err: int | None = None) -> None:
-        super().__init__(message, errno=err)
+        super().__init__(message, errno=err, reason=Reason.FAILED if err == errno.ENOENT else None)
 
 
 @dataclass(frozen=True)

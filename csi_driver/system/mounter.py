@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from csi_driver import callmemo
 from csi_driver.system.confined import Confined, mount_id
 from csi_driver.system.mountcalls import Attributes, MountCalls, MountError
 from csi_driver.system.mountflags import per_filesystem, per_mount
@@ -240,6 +241,7 @@ class Mounter:
     ) -> None:
         """Bind-mount what ``source_fd`` holds open (named ``source`` in messages)."""
         attrs = Attributes.of(per_mount(flags))
+        callmemo.forget()  # a mount changes what lvm2 reports of a device (open or not)
         with target.opened() as dst:
             self._calls.bind(source_fd, dst, attrs, f"{source} on {target.path}")
 
@@ -248,6 +250,7 @@ class Mounter:
         if not fs_type or any(c in fs_type for c in ",\x00/ "):
             raise ValueError(f"malformed filesystem type {fs_type!r}")
         attrs = Attributes.of(per_mount(flags))
+        callmemo.forget()
         with target.opened() as dst:
             self._calls.mount(
                 device, fs_type, per_filesystem(flags), attrs, dst, f"{device} on {target.path}"
@@ -272,6 +275,7 @@ class Mounter:
                     " is mounted over a directory on the way); left alone",
                     errno.ESTALE,
                 )
+            callmemo.forget()
             try:
                 self._calls.unmount(target.path)
             except MountError:

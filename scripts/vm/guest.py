@@ -312,8 +312,10 @@ def run_pytest(guest: Guest, args: argparse.Namespace) -> Step:
 def run_sanity_side_by_side(
     guest: Guest, args: argparse.Namespace, sanity_args: list[str]
 ) -> list[Step]:
-    """Every csi-sanity run asked for, as many at once as there are volume groups for them.
-    A run takes a VG from the pool and gives it back empty (run_sanity removes leftovers)."""
+    """Every csi-sanity run asked for. The lvm runs go side by side, one per volume group
+    (a run takes a VG from the pool and gives it back empty: run_sanity removes leftovers);
+    hostpath runs share the one XFS filesystem (project ids, free space), so they go one
+    after the other, once the lvm runs are done."""
     combos = [
         (backend, access_type)
         for backend in args.sanity_backends.split(",")
@@ -321,43 +323,49 @@ def run_sanity_side_by_side(
         for access_type in args.sanity_types.split(",")
         if access_type
     ]
+    lvm_runs = [c for c in combos if c[0] != "hostpath"]
     t0 = time.monotonic()
     vgs: queue.Queue[str] = queue.Queue()
     try:
-        for vg in guest.sanity_vgs(len(combos)):
+        for vg in guest.sanity_vgs(len(lvm_runs)):
             vgs.put(vg)
-        hostpath_roots = {
-            (backend, access_type): guest.hostpath_root()
-            for backend, access_type in combos
-            if backend == "hostpath"
-        }
+        hostpath_roots = {c: guest.hostpath_root() for c in combos if c[0] == "hostpath"}
     except (SetupError, subprocess.TimeoutExpired, OSError) as exc:
         return [Step("csi-sanity setup", False, time.monotonic() - t0, str(exc))]
 
-    def one(combo: tuple[str, str]) -> Step:
+    def one(combo: tuple[str, str], vg: str) -> Step:
         backend, access_type = combo
+        run = SanityRun(
+            backend=backend,
+            access_type=access_type,
+            root=Path(args.root),
+            out=Path(args.out),
+            state=STATE / f"sanity-{backend}-{access_type}",
+            csi_sanity=args.csi_sanity,
+            vg=vg,
+            thinpool=guest.thinpool,
+            extra_args=sanity_args,
+            min_passed=args.sanity_min_passed if not sanity_args else 1,
+            timeout=args.sanity_timeout,
+            hostpath_root=hostpath_roots.get(combo),
+        )
+        return run_sanity(run, guest.test_env())
+
+    def on_a_vg(combo: tuple[str, str]) -> Step:
         vg = vgs.get()
         try:
-            run = SanityRun(
-                backend=backend,
-                access_type=access_type,
-                root=Path(args.root),
-                out=Path(args.out),
-                state=STATE / f"sanity-{backend}-{access_type}",
-                csi_sanity=args.csi_sanity,
-                vg=vg,
-                thinpool=guest.thinpool,
-                extra_args=sanity_args,
-                min_passed=args.sanity_min_passed if not sanity_args else 1,
-                timeout=args.sanity_timeout,
-                hostpath_root=hostpath_roots.get(combo),
-            )
-            return run_sanity(run, guest.test_env())
+            return one(combo, vg)
         finally:
             vgs.put(vg)
 
-    with ThreadPoolExecutor(max_workers=vgs.qsize()) as pool:
-        return list(pool.map(one, combos))
+    steps: dict[tuple[str, str], Step] = {}
+    if lvm_runs:
+        with ThreadPoolExecutor(max_workers=vgs.qsize()) as pool:
+            steps.update(zip(lvm_runs, pool.map(on_a_vg, lvm_runs), strict=True))
+    for combo in combos:
+        if combo not in steps:
+            steps[combo] = one(combo, guest.vg)
+    return [steps[c] for c in combos]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import threading
 
+import grpc
+import pytest
+
 from csi_driver import callmemo
 from csi_driver.backends.lvm.backend import LvmBackend
+from csi_driver.errors import CsiError
 from tests.unit.test_lvm import NODE, THICK, THIN, FakeLvm, spec
 
 
@@ -65,3 +69,31 @@ def test_nothing_is_remembered_outside_a_call_or_after_it() -> None:
         backend.get_volume(volume.id)
     assert callmemo.current() is None
     assert lvm.commands() == ["fullreport"] * 4
+
+
+def test_an_unmount_in_the_call_is_seen_by_the_delete_that_follows() -> None:
+    """An inline volume's unpublish unmounts and then deletes in one call: the delete must
+    not trust the 'open' flag read before the unmount (callmemo.forget, as the mounter
+    calls it)."""
+    backend, lvm = _backend()
+    volume = backend.create_volume(spec(backend))
+    lv = volume.id.partition("@")[0]
+    lvm.lvs[lv]["lv_attr"] = lvm.lvs[lv]["lv_attr"][:5] + "o" + lvm.lvs[lv]["lv_attr"][6:]
+    with callmemo.call():
+        assert backend.get_volume(volume.id) is not None  # read while mounted
+        lvm.lvs[lv]["lv_attr"] = lvm.lvs[lv]["lv_attr"][:5] + "-" + lvm.lvs[lv]["lv_attr"][6:]
+        with pytest.raises(CsiError) as stale:
+            backend.delete_volume(volume.id)  # without forget: the stale flag refuses it
+        assert stale.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        callmemo.forget()
+        backend.delete_volume(volume.id)
+    assert lv not in lvm.lvs
+
+
+def test_a_call_inside_a_call_keeps_the_outer_memo() -> None:
+    with callmemo.call() as outer:
+        outer["a"] = 1
+        with callmemo.call() as inner:
+            assert inner == {}
+        assert callmemo.current() is outer
+    assert callmemo.current() is None

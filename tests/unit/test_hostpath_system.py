@@ -236,10 +236,11 @@ def test_mounts_showing_finds_binds_of_a_directory_and_below(tmp_path: Path) -> 
 
 
 def test_space_and_missing_paths(tmp_path: Path) -> None:
-    room = fsinfo.space(tmp_path)
-    assert 0 < room.free_bytes <= room.total_bytes
+    room = fsinfo.usage(tmp_path)
+    assert 0 < room.available_bytes <= room.total_bytes
+    assert 0 < room.used_inodes <= room.total_inodes
     with pytest.raises(fsinfo.FsInfoError):
-        fsinfo.space(tmp_path / "missing")
+        fsinfo.usage(tmp_path / "missing")
 
 
 def test_wipe_zeroes_data_in_place_and_never_follows_links(tmp_path: Path) -> None:

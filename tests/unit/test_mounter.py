@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver import callmemo
 from csi_driver.system import filesystem as fsmod
 from csi_driver.system import mountflags
 from csi_driver.system.confined import Jail, PathMissing, PathRefused
@@ -264,8 +265,10 @@ def test_unmount_stops_at_a_mount_that_is_not_ours(
     m = Mounter(calls, mountinfo=str(table))
     ids = iter([51, 50])
     monkeypatch.setattr("csi_driver.system.mounter.mount_id", lambda fd: next(ids))
-    with Jail(str(base)).resolve(str(base / "t")) as where:
+    with callmemo.call() as memo, Jail(str(base)).resolve(str(base / "t")) as where:
+        memo["lvm report"] = "LV open"
         assert m.unmount(where, lambda e: e.root == "/ours") is True
+        assert memo == {}  # an unmount changes what lvm2 says of the device: forgotten
         assert m.unmount(where, lambda e: e.root == "/ours") is False
     assert calls.unmounted == [f"{base}/t"]
     assert m.mount_at(f"{base}/t") is not None  # theirs is still there

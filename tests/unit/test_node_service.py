@@ -44,6 +44,7 @@ class FakeBackend:
         self.attachments: dict[str, model.Attachment] = {}
         self.calls: list[tuple[str, str]] = []
         self.fail_attach: CsiError | None = None
+        self.problem: str | None = None
 
     def add(self, name: str, access: model.AccessType, fs_type: str = "ext4") -> model.Volume:
         vid = ids.volume_id_for(name, NODE)
@@ -52,7 +53,7 @@ class FakeBackend:
         return vol
 
     def health(self) -> str | None:
-        return None
+        return self.problem
 
     def validate_parameters(self, parameters: Mapping[str, str]) -> model.Parameters:
         unknown = sorted(set(parameters) - {"class"})
@@ -632,6 +633,42 @@ def ephemeral_publish(env: Env, context: dict[str, str], cap: Any = None) -> Non
         ),
         CTX,
     )
+
+
+def test_unpublish_of_a_gone_inline_volume_passes_over_an_empty_target_only_when_sure(
+    env: Env,
+) -> None:
+    """The retry of an inline volume's unpublish that finished, with the empty directory a
+    kill left unmarked: OK (the kubelet removes it), but only when nothing else of the volume
+    is left and the backend sees all its storage; NOT_FOUND otherwise, and nothing touched."""
+    kubelet_id = "csi-0123456789abcdef"
+    target = Path(env.target)
+    target.mkdir()
+
+    def unpublish() -> None:
+        env.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=kubelet_id, target_path=env.target),
+            CTX,
+        )
+
+    unpublish()
+    assert target.is_dir()  # passed over, not removed: the driver never marked it
+    env.backend.problem = "volume group vg0 not found"  # at boot: volumes may be hidden
+    assert code_of(unpublish) == grpc.StatusCode.NOT_FOUND
+    env.backend.problem = None
+    local = ids.volume_id_for(kubelet_id, NODE).partition("@")[0]
+    staging = env.tmp / "ephemeral" / local
+    staging.mkdir(parents=True)  # something of the volume is still there
+    assert code_of(unpublish) == grpc.StatusCode.NOT_FOUND
+    staging.rmdir()
+    (target / "data").write_text("not ours")
+    assert code_of(unpublish) == grpc.StatusCode.NOT_FOUND
+    assert (target / "data").read_text() == "not ours"
+    (target / "data").unlink()
+    target.rmdir()
+    unpublish()  # absent: done, whatever the backend says
+    env.backend.problem = "volume group vg0 not found"
+    unpublish()
 
 
 @pytest.mark.parametrize("context", [{"size": "lots"}, {"size": "0"}, {"colour": "blue"}])

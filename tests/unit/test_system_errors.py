@@ -90,7 +90,10 @@ def test_an_errno_counts_against_the_request_only_on_its_paths(
     assert system_errors.to_csi(exc, request_paths=True).code == on_request_path
     assert system_errors.to_csi(exc, "make it").code == on_own_path
     mount = MountError("mount /some/path: said the kernel", err)
-    assert system_errors.to_csi(mount, request_paths=True).code == on_request_path
+    # ENOENT from mount(2) is a device or directory gone from under the driver (its own
+    # failure), never "the request named nothing"
+    expected = Code.INTERNAL if err == errno.ENOENT else on_request_path
+    assert system_errors.to_csi(mount, request_paths=True).code == expected
     assert system_errors.to_csi(mount).code == on_own_path
 
 
@@ -172,3 +175,13 @@ def test_csi_errors_and_other_exceptions_pass_through() -> None:
     assert raised.value is original
     with pytest.raises(ValueError), system_errors.system_errors("look"):
         raise ValueError("a bug, not the host")
+
+
+def test_a_reason_given_is_kept_whoever_owns_the_path() -> None:
+    """Only a reason read from an errno depends on whose path it was; one the system layer
+    stated (it knows what failed) stands on the driver's own storage too."""
+    given = SystemFailure("lvremove: in use", reason=Reason.IN_USE, errno=errno.EBUSY)
+    assert system_errors.to_csi(given).code == Code.FAILED_PRECONDITION
+    read = SystemFailure("rmdir: busy", errno=errno.EBUSY)
+    assert system_errors.to_csi(read).code == Code.INTERNAL
+    assert system_errors.to_csi(read, request_paths=True).code == Code.FAILED_PRECONDITION

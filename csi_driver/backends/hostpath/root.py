@@ -62,9 +62,9 @@ class Root:
         """Bytes a new allocation may take: the capacity not promised to anything yet, and
         never more than is free on the filesystem. Called under :attr:`alloc`."""
         with system_errors(f"read the free space of {self.path}"):
-            room = fsinfo.space(self.path)
+            room = fsinfo.usage(self.path)
         budget = self._capacity if self._capacity is not None else room.total_bytes
-        return max(0, min(budget - self.store.allocated_bytes(), room.free_bytes))
+        return max(0, min(budget - self.store.allocated_bytes(), room.available_bytes))
 
     def reserve(self, size: int, what: str) -> None:
         """RESOURCE_EXHAUSTED unless ``size`` more bytes fit; called under :attr:`alloc`, with
