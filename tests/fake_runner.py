@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from csi_driver.system.runner import DEFAULT_TIMEOUT, CommandError, CommandResult
+from csi_driver.system.runner import DEFAULT_TIMEOUT, CommandError, CommandResult, Runner
 
 #: given the argv, returns the result to answer (None: success with no output) or raises
 Handler = Callable[[tuple[str, ...]], CommandResult | None]
@@ -17,12 +17,14 @@ def result(argv: tuple[str, ...], rc: int = 0, out: str = "", err: str = "") -> 
 
 class FakeRunner:
     """Records argv (and timeouts); ``handler`` may return a result, raise, or return None for
-    success. A non-zero result raises CommandError when ``check`` is set, as the real one does."""
+    success. A non-zero result raises CommandError when ``check`` is set, as the real one does.
+    With ``passthrough`` (a real runner), a call the handler answers None for really runs."""
 
-    def __init__(self, handler: Handler | None = None) -> None:
+    def __init__(self, handler: Handler | None = None, passthrough: Runner | None = None) -> None:
         self.calls: list[tuple[str, ...]] = []
         self.timeouts: list[float] = []
         self.handler = handler
+        self.passthrough = passthrough
 
     def run(
         self,
@@ -37,6 +39,8 @@ class FakeRunner:
         self.calls.append(args)
         self.timeouts.append(timeout)
         answer = self.handler(args) if self.handler else None
+        if answer is None and self.passthrough is not None:
+            return self.passthrough.run(args, timeout=timeout, check=check, input=input, env=env)
         if answer is None:
             answer = result(args)
         if check and answer.returncode != 0:

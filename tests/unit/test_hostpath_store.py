@@ -15,7 +15,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -46,33 +46,24 @@ from csi_driver.errors import (
 )
 from csi_driver.model import AccessType, ContentSource, Parameters, SourceKind, VolumeSpec
 from csi_driver.system import extents, fsinfo
-from csi_driver.system.runner import DEFAULT_TIMEOUT, CommandError, CommandResult, SubprocessRunner
+from csi_driver.system.runner import CommandError, CommandResult, SubprocessRunner
 from csi_driver.units import MiB
+from tests.fake_runner import FakeRunner
 
 NODE = "unit-node"
 
 
-class FailingRunner:
+class FailingRunner(FakeRunner):
     """The real runner, except that programs named in ``fail`` exit 1."""
 
     def __init__(self) -> None:
-        self.real = SubprocessRunner()
+        super().__init__(self._inject, passthrough=SubprocessRunner())
         self.fail: set[str] = set()
-        self.calls: list[tuple[str, ...]] = []
 
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        check: bool = True,
-        input: str | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> CommandResult:
-        self.calls.append(tuple(argv))
+    def _inject(self, argv: tuple[str, ...]) -> CommandResult | None:
         if argv[0] in self.fail:
             raise CommandError(argv, 1, "", f"{argv[0]}: injected failure")
-        return self.real.run(argv, timeout=timeout, check=check, input=input, env=env)
+        return None
 
 
 class Killed(BaseException):
