@@ -3,7 +3,7 @@ the device node onto a file at the target.
 
 The staging path of a block volume stays an empty directory, so anything mounted there or
 left in it is not this volume's. A read-only bind mount does not stop writes to a device
-node, so the device itself is made read-only (``blockdev --setro``); since that flag belongs
+node, so the device itself is made read-only (its kernel flag, BLKROSET); since that flag belongs
 to the device, one volume cannot be published read-only and writable at the same time on one
 node, and the flag is cleared when the last read-only publication goes (node.py) or when an
 unused device is staged again.

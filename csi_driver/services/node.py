@@ -29,7 +29,7 @@ Staging (``NodeStageVolume``):
   node onto a file at the target.
 
 Read-only block publications: a read-only bind mount does not stop writes to a device node,
-so the device itself is made read-only (``blockdev --setro``); since that flag belongs to the
+so the device itself is made read-only (its kernel flag, BLKROSET); since that flag belongs to the
 device, one volume cannot be published read-only and writable at the same time on one node.
 
 This module holds the RPCs and the steps of mount access; the rest is in its own module:

@@ -373,20 +373,18 @@ def test_resize_commands_per_filesystem() -> None:
 
 @pytest.mark.usefixtures("any_block_device")
 def test_block_device_size_and_read_only_flag(tmp_path: Path) -> None:
-    def handler(argv: tuple[str, ...]) -> CommandResult:
-        if argv[1] == "--getro":
-            return result(argv, 0, "1\n")
-        return result(argv, 1, err="blockdev: cannot open")
-
-    fs = Filesystems(FakeRunner(handler))
+    """Error paths only: the size and the read-only flag are asked in-process (no program);
+    tests/integration/test_node.py sets and reads the flag of a real loop device."""
+    fs = Filesystems(FakeRunner())
     sized = tmp_path / "sized"
     sized.write_bytes(b"\0" * 4096)  # the size is read by seeking to the end, in-process
     assert fs.block_device_size(str(sized)) == 4096
     with pytest.raises(FilesystemError, match="No such file"):
         fs.block_device_size(str(tmp_path / "missing"))
-    assert fs.is_read_only("/dev/a") is True
-    with pytest.raises(FilesystemError, match="cannot open"):
-        fs.set_read_only("/dev/a", True)
+    with pytest.raises(FilesystemError, match=r"reading the read-only flag of .*sized failed"):
+        fs.is_read_only(str(sized))  # a regular file has no such flag (ENOTTY)
+    with pytest.raises(FilesystemError, match=r"setting the read-only flag of .*missing failed"):
+        fs.set_read_only(str(tmp_path / "missing"), True)
 
 
 def test_usage_reports_bytes_and_inodes(tmp_path: Path) -> None:
