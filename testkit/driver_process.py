@@ -345,3 +345,12 @@ def clean_up_host(prefix: str) -> list[str]:
         subprocess.run(["blockdev", "--setrw", device], timeout=30, check=False)
         subprocess.run(["losetup", "--detach", device], timeout=60, check=False)
     return sorted(set(leaks))
+
+
+def read_only_flag(device: str) -> bool:
+    """A block device's own read-only flag as util-linux reads it (``blockdev --getro``): an
+    outside view of what the driver set."""
+    out = subprocess.run(
+        ["blockdev", "--getro", device], capture_output=True, text=True, check=True, timeout=30
+    )
+    return out.stdout.strip() == "1"

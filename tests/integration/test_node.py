@@ -25,7 +25,7 @@ from csi_driver.system.confined import Jail
 from csi_driver.system.filesystem import FilesystemError, Filesystems
 from csi_driver.system.mounter import Mounter
 from csi_driver.system.runner import SubprocessRunner
-from testkit.driver_process import Csi, DriverProcess, loops_under, mounts_under
+from testkit.driver_process import Csi, DriverProcess, loops_under, mounts_under, read_only_flag
 from tests.integration.conftest import NODE_ID
 from tests.requests import block_cap, mount_cap, rpc_code
 
@@ -650,7 +650,7 @@ def test_device_read_only_flag_and_file_target(
     assert mounter.key_of(os.path.realpath(device)) == mounter.mount_at(target).key  # type: ignore[union-attr]
     fs.set_read_only(device, True)
     assert fs.is_read_only(device)
-    assert _blockdev_getro(device) == "1"  # the kernel's flag, as util-linux reads it
+    assert read_only_flag(device)  # the kernel's flag, as util-linux reads it
     fd = os.open(target, os.O_WRONLY)
     try:
         with pytest.raises(OSError):
@@ -659,14 +659,7 @@ def test_device_read_only_flag_and_file_target(
         os.close(fd)
     fs.set_read_only(device, False)
     assert not fs.is_read_only(device)
-    assert _blockdev_getro(device) == "0"
+    assert not read_only_flag(device)
     with jail.resolve(target) as where:
         assert mounter.unmount(where, lambda m: True)
     os.unlink(target)
-
-
-def _blockdev_getro(device: str) -> str:
-    out = subprocess.run(
-        ["blockdev", "--getro", device], capture_output=True, text=True, check=True, timeout=30
-    )
-    return out.stdout.strip()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import os
 import stat
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from testkit.driver_process import (
     MountNamespace,
     csi_stubs,
     loops_under,
+    read_only_flag,
     wait_for_exit,
 )
 from tests.requests import block_cap, mount_cap, rpc_code
@@ -170,13 +170,6 @@ def killed_at(node: Node, failpoint: str, call: Callable[[], object]) -> None:
 
 def device_of(target: str, ns: MountNamespace) -> os.stat_result:
     return os.stat(ns.path(target))
-
-
-def read_only_flag(device: str) -> bool:
-    out = subprocess.run(
-        ["blockdev", "--getro", device], capture_output=True, text=True, check=True, timeout=30
-    )
-    return out.stdout.strip() == "1"
 
 
 def teardown_all(node: Node, published: list[tuple[str, str]], staged: list[str]) -> None:
