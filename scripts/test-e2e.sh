@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The Kubernetes end-to-end lane: installs (or finds cached) a single-node cluster's parts
-# (scripts/install-cluster.sh), builds the driver image from the repository's Dockerfile
-# (scripts/build-image.sh: an OCI archive, cached), then runs pytest tests/e2e, which starts the
-# cluster from its components, imports that archive, installs the chart with helm, runs the
-# scenarios and tears everything down.
+# The Kubernetes end-to-end lane: installs (or finds cached) the cluster's parts
+# (scripts/install-cluster.sh; scripts/install-vm.sh for the lvm node's VM), builds the driver
+# image from the repository's Dockerfile (scripts/build-image.sh: an OCI archive, cached), then
+# runs pytest tests/e2e, which starts the cluster from its components, imports that archive,
+# installs the chart with helm, runs the scenarios and tears everything down.
 # Extra arguments go to pytest (e.g. -k snapshot). See docs/testing-e2e.md.
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -11,8 +11,11 @@ cd "$ROOT"
 t0=$(date +%s)
 "$ROOT/scripts/install-python.sh"
 "$ROOT/scripts/install-cluster.sh" >/dev/null
+# The lvm node (tests/e2e/test_09_lvm.py) is a VM on Debian's kernel, booted like the VM lane's.
+CSI_VNG=$("$ROOT/scripts/install-vm.sh" | tail -n 1)
+export CSI_VNG
 t1=$(date +%s)
-say "e2e: install-cluster.sh took $((t1 - t0)) s"
+say "e2e: install-cluster.sh and install-vm.sh took $((t1 - t0)) s"
 # CSI_E2E_DRIVER_SRC: build the image from another source tree (docs/testing-e2e.md).
 CSI_E2E_DRIVER_ARCHIVE=$("$ROOT/scripts/build-image.sh" --context "${CSI_E2E_DRIVER_SRC:-$ROOT}" | tail -n 1)
 export CSI_E2E_DRIVER_ARCHIVE

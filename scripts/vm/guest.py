@@ -8,7 +8,7 @@ on a volume group of its own, so each sees only its own volumes and the VM's two
 both work. Progress goes to stdout (the host streams it); the verdict goes to results.json in the
 shared output directory.
 
-There is no udev in the guest, so lvm2 is told to create device nodes itself (lvm.conf below).
+lvm2 is told not to rely on udev (testkit/lvmconf.py): it creates the device nodes itself.
 """
 
 from __future__ import annotations
@@ -24,27 +24,16 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: testkit
+
 from results import GUEST_UP_MARKER, Counts, Results, Step, junit_counts
 from sanity import SanityRun, lvs_in, remove_leftovers, run_sanity
+
+from testkit.lvmconf import LVM_CONF_WITHOUT_UDEV
 
 STATE = Path("/run/csi-vm")
 SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MODULES = ("dm_mod", "dm_thin_pool", "dm_snapshot", "dm_raid", "raid1", "dm_mirror", "xfs", "loop")
-
-# lvm2 without udev: libdevmapper makes the /dev/mapper nodes and /dev/VG/LV links itself,
-# and no dmeventd is started (it would hold devices open at teardown).
-LVM_CONF = """\
-devices {
-    obtain_device_list_from_udev = 0
-    external_device_info_source = "none"
-    use_devicesfile = 0
-}
-activation {
-    udev_sync = 0
-    udev_rules = 0
-    monitoring = 0
-}
-"""
 
 
 class SetupError(Exception):
@@ -188,12 +177,12 @@ class Guest:
         conf_dir = Path("/etc/lvm")
         try:
             conf_dir.mkdir(parents=True, exist_ok=True)
-            (conf_dir / "lvm.conf").write_text(LVM_CONF)
+            (conf_dir / "lvm.conf").write_text(LVM_CONF_WITHOUT_UDEV)
         except OSError:
             # /etc/lvm read-only: point every lvm2 call of this process tree elsewhere.
             conf_dir = STATE / "lvm"
             conf_dir.mkdir(parents=True, exist_ok=True)
-            (conf_dir / "lvm.conf").write_text(LVM_CONF)
+            (conf_dir / "lvm.conf").write_text(LVM_CONF_WITHOUT_UDEV)
             self.env["LVM_SYSTEM_DIR"] = str(conf_dir)
         log(f"lvm2 configured without udev ({conf_dir}/lvm.conf)")
 

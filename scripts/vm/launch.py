@@ -11,8 +11,6 @@ timeout, Ctrl-C or SIGTERM: the qemu process tree is killed and the disk images 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import os
 import shlex
 import shutil
@@ -27,14 +25,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: testkit
+
 from results import GUEST_UP_MARKER, Counts, Results
+
+from testkit.vm import (
+    QEMU_NOISE,
+    become_subreaper,
+    kill_session,
+    newest_kernel,
+    reap,
+    session_processes,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 DISK_BYTES = 2 * 1024**3
 #: two PVs of the lane's VG, a spare (XFS for the quota tests), one VG for a second csi-sanity
 DISKS = 4
-PR_SET_CHILD_SUBREAPER = 36
 # The code under test, copied at launch and bind-mounted over the checkout in the guest: the
 # guest caches the host's files, so one edited on the host mid-run would turn into ESTALE.
 SNAPSHOT = ("csi_driver", "testkit", "tests")
@@ -46,80 +54,6 @@ class Interrupted(Exception):
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
-
-
-def newest_kernel() -> Path:
-    """The newest /boot/vmlinuz-* whose modules are installed (Debian's, from
-    linux-image-amd64); the host's own kernel may lack device-mapper and quotas."""
-    candidates = []
-    for image in Path("/boot").glob("vmlinuz-*"):
-        version = image.name.removeprefix("vmlinuz-")
-        if (Path("/lib/modules") / version / "kernel/drivers/md").is_dir():
-            candidates.append(image)
-    if not candidates:
-        raise SystemExit("csi-vm: no /boot/vmlinuz-* with modules: run scripts/install-vm.sh")
-    proc = subprocess.run(
-        ["linux-version", "sort", *[c.name[8:] for c in candidates]],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode == 0 and proc.stdout.split():
-        return Path("/boot") / f"vmlinuz-{proc.stdout.split()[-1]}"
-    return sorted(candidates)[-1]
-
-
-def session_processes(sid: int, zombies: bool = False) -> list[int]:
-    """Pids still in the session the VM was started in (vng, virtme-run, qemu, virtiofsd)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields after "(comm)": state ppid pgrp session ...; a zombie is already dead
-        if int(fields[3]) == sid and (zombies or fields[0] != "Z"):
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def become_subreaper() -> None:
-    """Orphans of the VM (qemu, virtiofsd once vng is gone) get reparented to this process,
-    which reaps them, instead of lingering as zombies until PID 1 gets round to it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def reap(sid: int) -> None:
-    """Reaps the session's zombies that were reparented here, but never the session leader
-    (vng itself), whose exit status Popen.wait() still has to collect."""
-    me = os.getpid()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(stat.parent.name)
-        if fields[0] == "Z" and int(fields[1]) == me and int(fields[3]) == sid and pid != sid:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-
-
-def kill_session(sid: int) -> list[int]:
-    """SIGTERM, then SIGKILL, every process of the VM's session; returns the survivors."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        pids = session_processes(sid)
-        if not pids:
-            return []
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and session_processes(sid):
-            reap(sid)
-            time.sleep(0.1)
-        reap(sid)
-    return session_processes(sid)
 
 
 def build_command(
@@ -188,14 +122,6 @@ class Outcome:
     timed_out: bool = False
 
 
-# qemu's notes that vng attaches raw images without naming the format: true and harmless.
-QEMU_NOISE = (
-    "Image format was not specified",
-    "Automatically detecting the format is dangerous",
-    "Specify the 'raw' format explicitly",
-)
-
-
 def stream(proc: subprocess.Popen[str], outcome: Outcome, t0: float) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -223,7 +149,10 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[list[str], dict[str, 
             work / "snapshot" / name,
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
-    kernel = Path(args.kernel) if args.kernel else newest_kernel()
+    try:
+        kernel = Path(args.kernel) if args.kernel else newest_kernel()
+    except RuntimeError as exc:
+        raise SystemExit(f"csi-vm: {exc}") from None
     argv = build_command(args, work, out, disks, kernel)
     env = dict(os.environ)
     env["TMPDIR"] = str(work)  # vng's sockets and pid files go away with the work dir

@@ -35,15 +35,24 @@ from tests.pki import KeyPair, Pki, write_kubeconfig
 from . import hoststate, images
 from .hoststate import Daemon
 from .kube import raw
+from .nodeconfig import (
+    CGROUP_ROOT,
+    KUBERNETES_SERVICE_IP,
+    QEMU_HOST,
+    VM_RUN_DIR,
+    ContainerdPaths,
+    KubeletSettings,
+    cni_conflist,
+    containerd_config,
+    kubelet_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 NODE_NAME = "e2e-node"
 SERVICE_CIDR = "10.0.0.0/24"
-KUBERNETES_SERVICE_IP = "10.0.0.1"
 POD_SUBNET = "10.244.77.0/24"
 BRIDGE = "nle2e0"
-CGROUP_ROOT = "nodelocal-e2e"
 NAT_CHAIN = "NODELOCAL-E2E"
 # The sysctls the kubelet sets on start (protectKernelDefaults=false) and the bridge plugin's
 # ip_forward: restored at teardown so the host is left as it was.
@@ -206,6 +215,8 @@ def reap_stale(current: Path) -> None:
                 "kube-controller-manager",
                 "kube-scheduler",
                 "snapshot-controller",
+                "qemu-system-x86_64",
+                "virtiofsd",
             )
             for pid in hoststate.pids_matching([text], name)
         )
@@ -213,6 +224,11 @@ def reap_stale(current: Path) -> None:
         if hoststate.unmount_under([text]):
             raise RuntimeError(f"cannot unmount everything below the stale {workdir}")
         shutil.rmtree(workdir, ignore_errors=True)
+    # The lvm node's image import (vmnode.containerd_disk) killed half-way: its loop mount
+    # (autoclear: unmounting detaches the loop device).
+    if hoststate.unmount_under([str(VM_RUN_DIR)]):
+        raise RuntimeError(f"cannot unmount everything below the stale {VM_RUN_DIR}")
+    shutil.rmtree(VM_RUN_DIR, ignore_errors=True)
     hoststate.remove_cgroup(CGROUP_ROOT)
     hoststate.delete_link(BRIDGE)
     for hook in ("PREROUTING", "OUTPUT"):
@@ -308,6 +324,8 @@ class Cluster:
         """Bring the whole cluster up; image_list builds the images to import (cached)."""
         t0 = time.monotonic()
         reap_stale(self.workdir)
+        if self.artifacts is not None and self.artifacts.exists():
+            shutil.rmtree(self.artifacts)  # the last run's
         (self.workdir / OWNER_FILE).write_text(str(os.getpid()))
         self._snapshot = _HostSnapshot(
             iptables=hoststate.iptables_snapshot(),
@@ -371,7 +389,7 @@ class Cluster:
                 "localhost",
                 NODE_NAME,
             ),
-            ips=(KUBERNETES_SERVICE_IP, "127.0.0.1", self.host_ip),
+            ips=(KUBERNETES_SERVICE_IP, "127.0.0.1", self.host_ip, QEMU_HOST),
             server=True,
         )
         self.apiserver_kubelet_client = pki.issue(
@@ -544,46 +562,21 @@ class Cluster:
         c = self.workdir / "containerd"
         c.mkdir()
         self.snapshotter = "overlayfs" if self._overlay_works() else "native"
-        config = c / "config.toml"
-        config.write_text(f"""version = 2
-root = "{c / "root"}"
-state = "{c / "state"}"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.zfs",
-                    "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.btrfs"]
-[grpc]
-  address = "{self.containerd_socket}"
-[ttrpc]
-  address = "{self.containerd_socket}.ttrpc"
-[metrics]
-  address = ""
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{c / "opt"}"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{images.PAUSE_IMAGE}"
-  enable_selinux = false
-  # This host withholds CAP_SYS_RESOURCE even from root, so no process may lower its
-  # oom_score_adj; clamp the kubelet's negative values to containerd's own.
-  restrict_oom_score_adj = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "{self.snapshotter}"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-        BinaryName = "{self.binaries.runc}"
-        Root = "{c / "runc"}"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{self.binaries.cni_dir}"
-    conf_dir = "{self.workdir / "cni" / "net.d"}"
-""")
+        paths = ContainerdPaths(base=c, root=c / "root", state=c / "state")
+        paths.config.write_text(
+            containerd_config(
+                paths,
+                snapshotter=self.snapshotter,
+                runc=self.binaries.runc,
+                cni_bin=self.binaries.cni_dir,
+                cni_conf=self.workdir / "cni" / "net.d",
+            )
+        )
         env = dict(os.environ)
         env["PATH"] = f"{self.binaries.containerd_shim_dir}:{env.get('PATH', '')}"
         ctrd = self._daemon(
             "containerd",
-            [str(self.binaries.containerd), "--config", str(config), "--log-level", "info"],
+            [str(self.binaries.containerd), "--config", str(paths.config), "--log-level", "info"],
             env,
         )
 
@@ -595,98 +588,53 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def _network(self) -> None:
         (self.workdir / "cni" / "net.d" / "10-nodelocal-e2e.conflist").write_text(
-            json.dumps(
-                {
-                    "cniVersion": "0.4.0",
-                    "name": "nodelocal-e2e",
-                    "plugins": [
-                        {
-                            "type": "bridge",
-                            "bridge": BRIDGE,
-                            "isGateway": True,
-                            "ipMasq": False,
-                            "hairpinMode": True,
-                            "ipam": {
-                                "type": "host-local",
-                                "ranges": [[{"subnet": POD_SUBNET}]],
-                                "routes": [{"dst": "0.0.0.0/0"}],
-                                "dataDir": str(self.workdir / "cni" / "ipam"),
-                            },
-                        }
-                    ],
-                },
-                indent=2,
+            cni_conflist(
+                name="nodelocal-e2e",
+                bridge=BRIDGE,
+                subnet=POD_SUBNET,
+                ipam_dir=self.workdir / "cni" / "ipam",
             )
         )
-        # What kube-proxy would do for the one Service the pods need.
-        rule = [
-            "-d",
-            f"{KUBERNETES_SERVICE_IP}/32",
-            "-p",
-            "tcp",
-            "--dport",
-            "443",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            f"{self.host_ip}:{self.api_port}",
-        ]
         for argv in (
             ["-N", NAT_CHAIN],
-            ["-A", NAT_CHAIN, *rule],
             ["-I", "PREROUTING", "-j", NAT_CHAIN],
             ["-I", "OUTPUT", "-j", NAT_CHAIN],
         ):
             subprocess.run(
                 ["iptables", "-w", "-t", "nat", *argv], check=True, capture_output=True, timeout=30
             )
+        # What kube-proxy would do for the one Service the pods need.
+        self.forward_tcp(KUBERNETES_SERVICE_IP, 443, self.host_ip, self.api_port)
+
+    def forward_tcp(self, ip: str, port: int, to_ip: str, to_port: int) -> None:
+        """Connections from this host (and its pods) to ip:port go to to_ip:to_port instead
+        (a DNAT rule in the cluster's own nat chain, removed with it)."""
+        rule = ["-d", f"{ip}/32", "-p", "tcp", "--dport", str(port),
+                "-j", "DNAT", "--to-destination", f"{to_ip}:{to_port}"]  # fmt: skip
+        subprocess.run(
+            ["iptables", "-w", "-t", "nat", "-A", NAT_CHAIN, *rule],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
 
     def _start_kubelet(self) -> None:
         hoststate.create_cgroup(CGROUP_ROOT)
         kubelet_port, healthz_port = free_port(), free_port()
         config = self.workdir / "kubelet-config.yaml"
         config.write_text(
-            json.dumps(
-                {
-                    "apiVersion": "kubelet.config.k8s.io/v1beta1",
-                    "kind": "KubeletConfiguration",
-                    "authentication": {
-                        "anonymous": {"enabled": False},
-                        "webhook": {"enabled": True},
-                        "x509": {"clientCAFile": str(self.pki.ca.cert)},
-                    },
-                    "authorization": {"mode": "Webhook"},
-                    "address": self.host_ip,
-                    "port": kubelet_port,
-                    "readOnlyPort": 0,
-                    "healthzBindAddress": "127.0.0.1",
-                    "healthzPort": healthz_port,
-                    "tlsCertFile": str(self.kubelet_serving.cert),
-                    "tlsPrivateKeyFile": str(self.kubelet_serving.key),
-                    "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
-                    "cgroupDriver": "cgroupfs",
-                    "cgroupRoot": f"/{CGROUP_ROOT}",
-                    "failSwapOn": False,
-                    "failCgroupV1": False,
-                    "podLogsDir": str(self.workdir / "pod-logs"),
-                    "volumePluginDir": str(self.workdir / "volume-plugins"),
-                    "resolvConf": "/etc/resolv.conf",
-                    "clusterDomain": "cluster.local",
-                    "serializeImagePulls": False,
-                    "imageGCHighThresholdPercent": 100,
-                    "imageGCLowThresholdPercent": 99,
-                    "evictionHard": {
-                        "memory.available": "100Mi",
-                        "nodefs.available": "1%",
-                        "imagefs.available": "1%",
-                        "nodefs.inodesFree": "1%",
-                    },
-                    "syncFrequency": "10s",
-                    "fileCheckFrequency": "10s",
-                    "nodeStatusUpdateFrequency": "5s",
-                    "registerNode": True,
-                },
-                indent=2,
+            kubelet_config(
+                KubeletSettings(
+                    ca=self.pki.ca.cert,
+                    serving_cert=self.kubelet_serving.cert,
+                    serving_key=self.kubelet_serving.key,
+                    containerd_socket=self.containerd_socket,
+                    address=self.host_ip,
+                    port=kubelet_port,
+                    healthz_port=healthz_port,
+                    pod_logs=self.workdir / "pod-logs",
+                    volume_plugins=self.workdir / "volume-plugins",
+                )
             )
         )
         self.kubelet = self._daemon(
@@ -782,6 +730,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             if d.name == "containerd" and d.alive():
                 step("kill tasks", self._kill_tasks)
             step(f"stop {d.name}", d.stop)
+        step("VM processes", self._kill_vm_processes)
         sock = str(self.containerd_socket)
         step(
             "kill shims",
@@ -816,6 +765,23 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self.daemons.clear()
         self._snapshot = None
         return problems
+
+    def _kill_vm_processes(self) -> None:
+        """A VM node (vmnode.py) whose own stop was cut short: its qemu and virtiofsd name
+        files below the work directory on their command lines."""
+        names = ("qemu-system-x86_64", "virtiofsd")
+        hoststate.kill_pids(
+            pid for name in names for pid in hoststate.pids_matching([str(self.workdir)], name)
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            left = [
+                pid for name in names for pid in hoststate.pids_matching([str(self.workdir)], name)
+            ]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        self._check([str(pid) for pid in left], "VM processes survived SIGKILL")
 
     @staticmethod
     def _check(left: list[str], what: str) -> None:
@@ -880,12 +846,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def _save_pod_logs(self) -> None:
         if self.artifacts is None:
             return
-        if self.artifacts.exists():
-            shutil.rmtree(self.artifacts)
-        self.artifacts.mkdir(parents=True)
+        self.artifacts.mkdir(parents=True, exist_ok=True)
         pod_logs = self.workdir / "pod-logs"
         if pod_logs.exists():
-            shutil.copytree(pod_logs, self.artifacts / "pods", ignore_dangling_symlinks=True)
+            shutil.copytree(
+                pod_logs, self.artifacts / "pods", ignore_dangling_symlinks=True, dirs_exist_ok=True
+            )
 
     def _save_artifacts(self) -> None:
         if self.artifacts is None or not self.logs.exists():

@@ -225,6 +225,9 @@ def helm_values(cluster: Cluster, **overrides: Any) -> dict[str, Any]:
         # A fixed capacity makes the driver's accounting observable (CSIStorageCapacity).
         "hostpath": {"root": str(cluster.hostpath_root), "capacityBytes": HOSTPATH_CAPACITY},
         "provisioner": {"capacityPollInterval": "5s"},
+        # The lvm node (test_09_lvm.py) joins the cluster for a while: this release stays here.
+        "node": {"nodeSelector": {"kubernetes.io/hostname": NODE_NAME}},
+        "controller": {"nodeSelector": {"kubernetes.io/hostname": NODE_NAME}},
         # Quick enough for test_01_liveness to see a restart within a minute, slack enough
         # for a busy machine (three failed probes in a row, each allowed 5 s).
         "livenessProbe": {"periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 3},
@@ -245,6 +248,13 @@ class Release:
 
     cluster: Cluster
     values: dict[str, Any] | None = None
+    name: str = RELEASE
+    namespace: str = DRIVER_NAMESPACE
+    #: the node whose CSINode must list driver_name once the release is up
+    node: str = NODE_NAME
+    driver_name: str = DRIVER_NAME
+    #: helm's --timeout of install and uninstall
+    timeout: str = "3m"
     # An install that failed fails every later request for the same values at once, instead
     # of waiting out helm's timeout again in each test module.
     failures: dict[str, str] = field(default_factory=dict)
@@ -269,22 +279,22 @@ class Release:
         if key in self.failures:
             pytest.fail(f"an earlier install with these values failed:\n{self.failures[key]}")
         self.uninstall()
-        path = self.cluster.workdir / "values.json"
+        path = self.cluster.workdir / f"values-{self.name}.json"
         path.write_text(json.dumps(values, indent=2))
         t0 = time.monotonic()
         try:
             self.helm(
                 "install",
-                RELEASE,
+                self.name,
                 str(ROOT / "charts" / "nodelocal-csi"),
                 "--namespace",
-                DRIVER_NAMESPACE,
+                self.namespace,
                 "--create-namespace",
                 "--values",
                 str(path),
                 "--wait",
                 "--timeout",
-                "3m",
+                self.timeout,
             )
         except AssertionError as exc:
             self.failures[key] = f"{exc}\n{self.diagnose()}"
@@ -305,10 +315,10 @@ class Release:
         """helm --wait accepts a pod the moment its containers run; a sidecar that exits a
         second later (a crash loop) would slip through. Every container of the driver must
         stay ready, without a restart, for a while."""
-        kube = Kube(self.cluster.api_client(), DRIVER_NAMESPACE)
+        kube = Kube(self.cluster.api_client(), self.namespace)
         deadline = time.monotonic() + seconds
         while True:
-            for pod in kube.items(kube.core.list_namespaced_pod, DRIVER_NAMESPACE):
+            for pod in kube.items(kube.core.list_namespaced_pod, self.namespace):
                 for c in pod["status"].get("containerStatuses", []):
                     if not c["ready"] or c["restartCount"]:
                         raise AssertionError(
@@ -323,36 +333,46 @@ class Release:
     def _wait_registered(self) -> None:
         storage = client.StorageV1Api(self.cluster.api_client())
         try:
-            wait_until("CSINode lists the driver", lambda: driver_registered(storage), 120)
+            wait_until(
+                "CSINode lists the driver",
+                lambda: driver_registered(storage, self.node, self.driver_name),
+                120,
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.diagnose()}") from None
 
     def _uninstall_failed(self) -> None:
         """Remove what a failed install left, so other values can still be installed."""
         with contextlib.suppress(AssertionError):
-            self.helm("uninstall", RELEASE, "--namespace", DRIVER_NAMESPACE, "--wait")
+            self.helm("uninstall", self.name, "--namespace", self.namespace, "--wait")
         self.values = None
 
     def uninstall(self) -> None:
         if self.values is None:
             return
         self.helm(
-            "uninstall", RELEASE, "--namespace", DRIVER_NAMESPACE, "--wait", "--timeout", "3m"
+            "uninstall",
+            self.name,
+            "--namespace",
+            self.namespace,
+            "--wait",
+            "--timeout",
+            self.timeout,
         )
         self.values = None
-        kube = Kube(self.cluster.api_client(), DRIVER_NAMESPACE)
+        kube = Kube(self.cluster.api_client(), self.namespace)
         wait_until(
             "driver pods gone",
-            lambda: not kube.items(kube.core.list_namespaced_pod, DRIVER_NAMESPACE),
+            lambda: not kube.items(kube.core.list_namespaced_pod, self.namespace),
             180,
         )
 
     def diagnose(self) -> str:
         """Pod states, events and container logs of the driver namespace."""
-        kube = Kube(self.cluster.api_client(), DRIVER_NAMESPACE)
+        kube = Kube(self.cluster.api_client(), self.namespace)
         parts = []
         with contextlib.suppress(Exception):
-            for pod in kube.items(kube.core.list_namespaced_pod, DRIVER_NAMESPACE):
+            for pod in kube.items(kube.core.list_namespaced_pod, self.namespace):
                 name = pod["metadata"]["name"]
                 parts.append(kube.describe(name))
                 for c in pod["spec"]["containers"]:
@@ -361,10 +381,10 @@ class Release:
         return "\n".join(parts)
 
 
-def driver_registered(storage: Any) -> bool:
+def driver_registered(storage: Any, node: str = NODE_NAME, driver: str = DRIVER_NAME) -> bool:
     """Whether the node's CSINode object lists the driver (kubelet plugin registration)."""
-    node = raw(storage.read_csi_node, NODE_NAME)
-    return any(d["name"] == DRIVER_NAME for d in node["spec"].get("drivers") or [])
+    csinode = raw(storage.read_csi_node, node)
+    return any(d["name"] == driver for d in csinode["spec"].get("drivers") or [])
 
 
 @pytest.fixture(scope="session")

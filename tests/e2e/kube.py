@@ -239,15 +239,69 @@ class Kube:
     def wait_pv_gone(self, name: str, timeout: float = 120) -> None:
         wait_until(f"PV {name} gone", lambda: gone(self.core.read_persistent_volume, name), timeout)
 
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, name: str, source_claim: str, snapshot_class: str = SNAPSHOT_CLASS) -> None:
+        """A VolumeSnapshot of a claim in this namespace."""
+        self.custom.create_namespaced_custom_object(
+            SNAPSHOT_GROUP,
+            SNAPSHOT_VERSION,
+            self.namespace,
+            "volumesnapshots",
+            {
+                "apiVersion": f"{SNAPSHOT_GROUP}/{SNAPSHOT_VERSION}",
+                "kind": "VolumeSnapshot",
+                "metadata": {"name": name},
+                "spec": {
+                    "volumeSnapshotClassName": snapshot_class,
+                    "source": {"persistentVolumeClaimName": source_claim},
+                },
+            },
+        )
+
+    def wait_snapshot_ready(self, name: str, timeout: float = 180) -> Any:
+        """The snapshot's status once it is readyToUse; an error it reports fails at once."""
+
+        def ready() -> Any:
+            obj = self.custom.get_namespaced_custom_object(
+                SNAPSHOT_GROUP, SNAPSHOT_VERSION, self.namespace, "volumesnapshots", name
+            )
+            status = obj.get("status") or {}
+            if status.get("error"):
+                raise AssertionError(f"snapshot {name} failed: {status['error']}")
+            return status if status.get("readyToUse") else None
+
+        return wait_until(f"VolumeSnapshot {name} readyToUse", ready, timeout)
+
+    def delete_snapshot(self, name: str, content: str, timeout: float = 120) -> None:
+        """Delete the snapshot and wait until its VolumeSnapshotContent is gone too."""
+        self.custom.delete_namespaced_custom_object(
+            SNAPSHOT_GROUP, SNAPSHOT_VERSION, self.namespace, "volumesnapshots", name
+        )
+        wait_until(
+            f"VolumeSnapshotContent {content} deleted",
+            lambda: gone(
+                self.custom.get_cluster_custom_object,
+                SNAPSHOT_GROUP,
+                SNAPSHOT_VERSION,
+                "volumesnapshotcontents",
+                content,
+            ),
+            timeout,
+        )
+
     # ------------------------------------------------------------------ inspection
 
-    def exec(self, pod: str, command: str) -> str:
-        """Run command in the pod's container; return its output; fail on a non-zero exit."""
+    def exec(self, pod: str, command: str, container: str | None = None) -> str:
+        """Run command in the pod's container (its only one, or ``container``); return its
+        output; fail on a non-zero exit."""
         marker = "__E2E_EXIT__"
+        extra = {"container": container} if container else {}
         out = stream(
             self.core.connect_get_namespaced_pod_exec,
             pod,
             self.namespace,
+            **extra,
             command=["/bin/sh", "-c", f"{command}; echo {marker}$?"],
             stderr=True,
             stdin=False,

@@ -7,28 +7,8 @@ and csi-snapshotter runs in the node pods (the chart's node deployment mode).
 
 from __future__ import annotations
 
-from typing import Any
-
 from .conftest import Release
-from .kube import (
-    SNAPSHOT_CLASS,
-    SNAPSHOT_GROUP,
-    SNAPSHOT_VERSION,
-    Kube,
-    gone,
-    unique,
-    wait_until,
-)
-
-
-def _snapshot_status(ns: Kube, name: str) -> Any:
-    obj = ns.custom.get_namespaced_custom_object(
-        SNAPSHOT_GROUP, SNAPSHOT_VERSION, ns.namespace, "volumesnapshots", name
-    )
-    status = obj.get("status") or {}
-    if status.get("error"):
-        raise AssertionError(f"snapshot {name} failed: {status['error']}")
-    return status if status.get("readyToUse") else None
+from .kube import SNAPSHOT_GROUP, Kube, unique
 
 
 def test_snapshot_and_restore(driver: Release, ns: Kube) -> None:
@@ -44,24 +24,8 @@ def test_snapshot_and_restore(driver: Release, ns: Kube) -> None:
     digest = ns.exec(writer, "sha256sum /data/payload | cut -d' ' -f1").strip()
 
     snap = unique("snap")
-    ns.custom.create_namespaced_custom_object(
-        SNAPSHOT_GROUP,
-        SNAPSHOT_VERSION,
-        ns.namespace,
-        "volumesnapshots",
-        {
-            "apiVersion": f"{SNAPSHOT_GROUP}/{SNAPSHOT_VERSION}",
-            "kind": "VolumeSnapshot",
-            "metadata": {"name": snap},
-            "spec": {
-                "volumeSnapshotClassName": SNAPSHOT_CLASS,
-                "source": {"persistentVolumeClaimName": source},
-            },
-        },
-    )
-    status = wait_until(
-        f"VolumeSnapshot {snap} readyToUse", lambda: _snapshot_status(ns, snap), 180
-    )
+    ns.snapshot(snap, source)
+    status = ns.wait_snapshot_ready(snap)
     content = status["boundVolumeSnapshotContentName"]
 
     # The source changes after the snapshot: the restore must show the old bytes.
@@ -81,17 +45,4 @@ def test_snapshot_and_restore(driver: Release, ns: Kube) -> None:
     ns.exec(reader, "echo restored-only > /data/mark")
     assert ns.exec(writer, "test -e /data/mark || echo absent").strip() == "absent"
 
-    ns.custom.delete_namespaced_custom_object(
-        SNAPSHOT_GROUP, SNAPSHOT_VERSION, ns.namespace, "volumesnapshots", snap
-    )
-    wait_until(
-        f"VolumeSnapshotContent {content} deleted",
-        lambda: gone(
-            ns.custom.get_cluster_custom_object,
-            SNAPSHOT_GROUP,
-            SNAPSHOT_VERSION,
-            "volumesnapshotcontents",
-            content,
-        ),
-        120,
-    )
+    ns.delete_snapshot(snap, content)

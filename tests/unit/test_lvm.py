@@ -67,6 +67,8 @@ class FakeLvm:
     vg_free: int = 8 * GiB
     lvs: dict[str, dict[str, str]] = field(default_factory=dict)
     calls: list[list[str]] = field(default_factory=list)
+    #: the environment each call added, in the order of calls
+    envs: list[dict[str, str]] = field(default_factory=list)
     fail: dict[str, CommandError] = field(default_factory=dict)
     vg_exists: bool = True
 
@@ -102,6 +104,7 @@ class FakeLvm:
     ) -> CommandResult:
         argv = list(argv)
         self.calls.append(argv)
+        self.envs.append(dict(env or {}))
         program = argv[0]
         if program in self.fail:
             raise self.fail[program]
@@ -424,6 +427,14 @@ def test_bad_parameters_are_invalid_and_touch_nothing(
 # --- creating ----------------------------------------------------------------------------------
 
 
+def test_with_udev_sync_udev_makes_the_device_nodes(lvm: FakeLvm) -> None:
+    backend = LvmBackend([THIN, THICK], NODE, lvm, udev_sync=True)
+    backend.create_volume(spec(backend, size=100 * MiB))
+    create = next(call for call in lvm.calls if call[0] == "lvcreate")
+    assert "--noudevsync" not in create
+    assert lvm.envs and all(env == {} for env in lvm.envs)
+
+
 def test_thin_create_is_one_report_and_one_lvcreate(backend: LvmBackend, lvm: FakeLvm) -> None:
     volume = backend.create_volume(spec(backend, size=100 * MiB + 1))
     assert lvm.commands() == ["fullreport", "lvcreate"]
@@ -431,6 +442,8 @@ def test_thin_create_is_one_report_and_one_lvcreate(backend: LvmBackend, lvm: Fa
     assert create[create.index("--virtualsize") + 1] == f"{104 * MiB}b"  # whole extents
     assert create[create.index("--thin") + 1] == "vg0/pool"
     assert "--noudevsync" in create
+    # Without udev sync lvm2 makes the device nodes itself, whatever its lvm.conf says.
+    assert all(env == {"DM_DISABLE_UDEV": "1"} for env in lvm.envs)
     assert volume.capacity_bytes == 104 * MiB
     assert volume.id == f"{create[create.index('--name') + 1]}@{NODE}"
     assert backend.get_volume(volume.id) == volume

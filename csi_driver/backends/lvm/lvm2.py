@@ -188,13 +188,19 @@ def csi_error(exc: CommandError, what: str) -> CsiError:
 
 
 class Lvm2:
-    """The lvm2 commands the backend needs. ``udev_sync=False`` adds ``--noudevsync`` to every
-    command that creates or removes device nodes (no udev, e.g. a container without the host's
-    IPC namespace, or a VM without udevd)."""
+    """The lvm2 commands the backend needs. ``udev_sync=False`` (lvm2 cannot wait for udev, e.g.
+    a container without the host's IPC namespace, or a VM without udevd) adds ``--noudevsync``
+    to every command that creates or removes device nodes and runs every command with
+    ``DM_DISABLE_UDEV=1``: lvm2 then makes the nodes in /dev itself, whatever its lvm.conf says.
+    Left to udev without waiting for it (a stock configuration, ``udev_rules = 1``), a node may
+    not exist yet when lvm2 wipes the start of a new thick volume ("Failed to wipe start of new
+    LV"), and never does where no udev runs. The price: udev's rules skip these devices (no
+    /dev/disk/by-id links for them); ``udev_sync=True`` keeps udev in charge."""
 
     def __init__(self, runner: Runner, *, udev_sync: bool = True) -> None:
         self._runner = runner
         self._udev = () if udev_sync else ("--noudevsync",)
+        self._env = None if udev_sync else {"DM_DISABLE_UDEV": "1"}
         #: counts the changes begun through this object: a report read before the count moved
         #: may be stale, so a call's memo keeps it only while the count stands still
         self._changes = 0
@@ -204,7 +210,7 @@ class Lvm2:
         """A command that changes the volume groups."""
         self._count_change()
         try:
-            return self._runner.run(list(argv), timeout=timeout).stdout
+            return self._runner.run(list(argv), timeout=timeout, env=self._env).stdout
         except CommandError as exc:
             raise csi_error(exc, what) from exc
         finally:
@@ -264,7 +270,7 @@ class Lvm2:
             *names,
         ]
         try:
-            result = self._runner.run(argv, timeout=REPORT_TIMEOUT, check=False)
+            result = self._runner.run(argv, timeout=REPORT_TIMEOUT, check=False, env=self._env)
         except CommandError as exc:
             raise csi_error(exc, "read the volume groups") from exc
         groups = parse_fullreport(result.stdout) if result.stdout.strip() else {}
