@@ -328,16 +328,22 @@ class Server:
         self._server: grpc.aio.Server | None = None
 
     def start(self) -> None:
+        """Serve. A unix socket is bound under a name of its own and renamed into place only
+        once the server answers: a sidecar that connects in between bind and start may see
+        its connection dropped, which the kubernetes-csi sidecars treat as fatal ("Lost
+        connection to CSI driver, exiting"); on a slow node that window lasts seconds."""
         unix = self.endpoint.scheme == "unix"
+        bind_path = self.endpoint.address + "~"
         if unix:
             _prepare_socket_path(self.endpoint.address)
+            _prepare_socket_path(bind_path)
         self._pool = futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix="rpc")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="grpc-loop", daemon=True
         )
         self._thread.start()
-        address = f"unix:{self.endpoint.address}" if unix else self.endpoint.address
+        address = f"unix:{bind_path}" if unix else self.endpoint.address
         old_umask = os.umask(0o117) if unix else None
         try:
             self._run(self._serve(address), timeout=30)
@@ -345,7 +351,8 @@ class Server:
             if old_umask is not None:
                 os.umask(old_umask)
         if unix:
-            os.chmod(self.endpoint.address, SOCKET_MODE)
+            os.chmod(bind_path, SOCKET_MODE)
+            os.rename(bind_path, self.endpoint.address)
         log.info("listening", extra={"endpoint": str(self.endpoint)})
 
     async def _serve(self, address: str) -> None:

@@ -54,6 +54,24 @@ def test_socket_mode_parent_dir_and_stale_socket(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def test_socket_appears_at_its_path_only_once_the_server_answers(tmp_path: Path) -> None:
+    """Bound under a name of its own (a stale one from a kill is removed), renamed into place
+    after the server started: a client never finds a socket that is not served yet."""
+    path = tmp_path / "csi.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(f"{path}~")
+    stale.close()
+    server = _server(path, Slow())
+    server.start()
+    try:
+        assert sorted(os.listdir(tmp_path)) == ["csi.sock"]
+        with grpc.insecure_channel(f"unix://{path}") as channel:
+            csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=10)
+    finally:
+        server.stop()
+    assert os.listdir(tmp_path) == []
+
+
 def test_refuses_to_remove_a_file_that_is_not_a_socket(tmp_path: Path) -> None:
     path = tmp_path / "csi.sock"
     path.write_text("precious")
