@@ -289,9 +289,6 @@ class VmNode:
 
     def check_alive(self) -> None:
         """Raises, with the guest's logs, when the VM failed or is gone before ``stop()``."""
-        self._alive()
-
-    def _alive(self) -> None:
         failed = self.share / "failed"
         if failed.exists():
             raise RuntimeError(f"the VM node failed: {failed.read_text()}\n{self.diagnose()}")
@@ -309,7 +306,7 @@ class VmNode:
             conditions = node["status"].get("conditions") or []
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
-        wait_for(f"node {VM_NODE} Ready", node_ready, timeout, every=2, alive=self._alive)
+        wait_for(f"node {VM_NODE} Ready", node_ready, timeout, every=2, alive=self.check_alive)
         self.timings["boot_to_node_ready"] = round(time.monotonic() - self._t_boot, 2)
         self.ready = json.loads((self.share / "ready.json").read_text())
 
