@@ -8,6 +8,7 @@ the driver exactly as the tests do.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from testkit.driver_process import CommandCounts, Csi, clean_up_host, free_port
@@ -15,7 +16,27 @@ from testkit.driver_process import DriverProcess as _DriverProcess
 
 Stubs = Csi
 
-__all__ = ["CommandCounts", "DriverProcess", "Stubs", "clean_up_host", "diff_counts"]
+__all__ = [
+    "CommandCounts",
+    "DriverProcess",
+    "Stubs",
+    "clean_up_host",
+    "diff_counts",
+    "render_table",
+]
+
+
+def render_table(lines: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as aligned text: the first column to the left, the others to the right,
+    a rule under the first row (the head)."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = []
+    for j, line in enumerate(lines):
+        cells = [c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)]
+        out.append("  ".join([line[0].ljust(widths[0]), *cells]).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
 
 
 def diff_counts(after: CommandCounts, before: CommandCounts) -> CommandCounts:

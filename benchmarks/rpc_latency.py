@@ -43,6 +43,7 @@ from benchmarks.harness import (
     Stubs,
     clean_up_host,
     diff_counts,
+    render_table,
 )
 from csi_driver import __version__
 from csi_driver.proto import csi_pb2
@@ -297,7 +298,7 @@ class Bench:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     head = ("operation", "n", "median ms", "p95 ms", "ops/s", "cmds/op")
-    lines = [head]
+    lines: list[Sequence[str]] = [head]
     for r in rows:
         if not r.get("count"):
             continue
@@ -311,17 +312,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                 f"{r['commands_per_op']:g}",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = []
-    for j, line in enumerate(lines):
-        cells = [
-            line[0].ljust(widths[0]),
-            *(c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)),
-        ]
-        out.append("  ".join(cells))
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return render_table(lines)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -470,7 +461,7 @@ def _claims(rows: Sequence[dict[str, Any]], args: argparse.Namespace) -> dict[st
     return out
 
 
-def _unused(path: Path) -> Path:
+def unused_path(path: Path) -> Path:
     for n in range(1, 1000):
         candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
         if not candidate.exists():
@@ -496,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             / f"{datetime.date.today().isoformat()}.json"
         )
         if args.out is None:
-            out = _unused(out)  # never overwrite an earlier run of the same day
+            out = unused_path(out)  # never overwrite an earlier run of the same day
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"results written to {out}")

@@ -16,8 +16,10 @@ from csi_driver.interceptor import ErrorAndLogInterceptor
 from csi_driver.locks import KeyLocks
 from csi_driver.logs import setup as setup_logging
 from csi_driver.metrics import Metrics, MetricsServer
+from csi_driver.model import StorageReport
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.server import Registration, Server
+from csi_driver.storage_metrics import StorageCollector
 from csi_driver.system.runner import SubprocessRunner
 
 if TYPE_CHECKING:
@@ -133,8 +135,15 @@ def build(config: Config) -> Driver:
             credentials=credentials,
         )
     if config.metrics_address:
+        report = backend.storage_report if backend is not None else _no_storage
+        metrics.add_collector(StorageCollector(report, driver.health))
         driver.metrics_server = MetricsServer(config.metrics_address, metrics, driver.health)
     return driver
+
+
+def _no_storage(max_volumes: int) -> StorageReport:
+    """The controller without a backend (the peer channel's) has no storage to report."""
+    return StorageReport()
 
 
 def _forwarder(config: Config) -> Forwarder | None:

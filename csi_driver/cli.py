@@ -12,6 +12,7 @@ from pathlib import Path
 from csi_driver import DEFAULT_DRIVER_NAME, __version__
 from csi_driver.bounded import echo
 from csi_driver.config import (
+    DEFAULT_THIN_POOL_THRESHOLD,
     BackendKind,
     Config,
     HostPathConfig,
@@ -22,7 +23,6 @@ from csi_driver.config import (
     host_port,
     parse_endpoint,
 )
-from csi_driver.config.device_classes import load_device_classes
 from csi_driver.units import parse_bytes
 
 ENV_PREFIX = "CSI_DRIVER_"
@@ -49,6 +49,16 @@ def _bytes(value: str) -> int:
         return parse_bytes(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _percent(value: str) -> float:
+    """``90``, ``87.5`` or ``90%``; checked against its range by the config."""
+    try:
+        return float(value.strip().removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a percentage such as 90, got {value!r}"
+        ) from None
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -129,6 +139,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         const=True,
     )
     add(
+        "--lvm-thin-pool-threshold",
+        "lvm backend: percent of a thin pool's data or metadata space in use at which the"
+        " condition of its volumes (NodeGetVolumeStats, ListVolumes, ControllerGetVolume)"
+        " turns abnormal; a full pool (100%%) always does",
+        DEFAULT_THIN_POOL_THRESHOLD,
+        type=_percent,
+    )
+    add(
         "--kubelet-dir",
         "the kubelet's root directory: staging and target paths must lie strictly below it,"
         " and no component on the way may be a symbolic link",
@@ -182,12 +200,16 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         backend = BackendKind(args.backend)
         lvm = None
         if backend is BackendKind.LVM:
+            # imported here: only the lvm backend reads device classes (start-up time)
+            from csi_driver.config.device_classes import load_device_classes
+
             lvm = LvmConfig(
                 device_classes=load_device_classes(
                     Path(args.lvm_config) if args.lvm_config else None, args.lvm_volume_group
                 ),
                 use_nsenter=args.lvm_nsenter,
                 udev_sync=args.lvm_udev_sync,
+                thin_pool_threshold=args.lvm_thin_pool_threshold,
             )
         hostpath = None
         if backend is BackendKind.HOSTPATH:

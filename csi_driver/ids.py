@@ -9,7 +9,6 @@ not match the grammar ever reaches a backend.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -43,6 +42,8 @@ def check_node_id(value: str) -> str:
 
 
 def _digest(name: str) -> str:
+    import hashlib  # here, not at the top: importing it sets up OpenSSL digests (start-up time)
+
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
 
 

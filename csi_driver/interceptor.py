@@ -32,15 +32,34 @@ def _is_secret(field: Any) -> bool:
     return bool(field.name.endswith("secrets"))
 
 
+_SECRET, _MAP, _MESSAGE, _PLAIN = range(4)
+#: what each field is, for :func:`redact`, by its full name: options are read once per field
+_KINDS: dict[str, int] = {}
+
+
+def _kind(field: Any) -> int:
+    kind = _KINDS.get(field.full_name)
+    if kind is None:
+        if _is_secret(field):
+            kind = _SECRET
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+            kind = _MAP
+        else:
+            kind = _PLAIN if field.message_type is None else _MESSAGE
+        _KINDS[field.full_name] = kind  # a race only computes the same answer twice
+    return kind
+
+
 def redact(message: Message) -> dict[str, Any]:
     """A loggable view of a request: every secret value replaced, nested messages included."""
     out: dict[str, Any] = {}
     for field, value in message.ListFields():
-        if _is_secret(field):
+        kind = _kind(field)
+        if kind == _SECRET:
             out[field.name] = dict.fromkeys(value, REDACTED) if hasattr(value, "keys") else REDACTED
-        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+        elif kind == _MAP:
             out[field.name] = dict(value)
-        elif field.message_type is not None:
+        elif kind == _MESSAGE:
             if field.is_repeated:
                 out[field.name] = [redact(v) for v in value]
             else:
@@ -86,6 +105,8 @@ class ErrorAndLogInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        #: method -> (the handler it wraps, the wrapping): made once per method, not per call
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def intercept_service(
         self,
@@ -95,8 +116,21 @@ class ErrorAndLogInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        full = handler_call_details.method
+        cached = self._wrapped.get(full)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapping = self._wrap(handler, full.rsplit("/", 1)[-1])
+        self._wrapped[full] = (handler, wrapping)
+        return wrapping
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        quiet = method in ("Probe", "NodeGetCapabilities", "GetPluginInfo")
+        observe = self._metrics.observe_rpc
         inner = handler.unary_unary
+        assert inner is not None
 
         def wrapped(request: Message, context: grpc.ServicerContext) -> Message:
             start = time.monotonic()
@@ -117,9 +151,9 @@ class ErrorAndLogInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             finally:
                 message = bounded.cap_message(message)
                 seconds = time.monotonic() - start
-                self._metrics.observe_rpc(method, code.name, seconds)
+                observe(method, code.name, seconds)
                 level = logging.INFO if code is grpc.StatusCode.OK else logging.WARNING
-                if method in ("Probe", "NodeGetCapabilities", "GetPluginInfo"):
+                if quiet:
                     level = logging.DEBUG if code is grpc.StatusCode.OK else level
                 if log.isEnabledFor(level):
                     log.log(

@@ -1,17 +1,36 @@
-"""Prometheus metrics in the text exposition format, served with /healthz on a small HTTP server.
+"""Prometheus metrics, served with /healthz on a small HTTP server of the driver's own.
 
-A tiny registry of our own keeps the runtime dependencies to grpcio and protobuf.
+The metrics are prometheus-client's (a maintained library): its counters and histograms, its
+text exposition, the process collector (``process_*``: memory, CPU, open descriptors) and
+custom collectors for what is computed at scrape time (storage_metrics.py). They live in a
+registry of the driver's own, not the library's global default, so that two drivers in one
+process (the tests) keep apart and nothing imported by accident shows up in a scrape.
+
+The HTTP side is not the library's: its ``start_http_server`` answers every connection on a
+thread of its own and reads the request with no timeout, so a few idle or slow clients hold
+threads for ever, a regression for a daemon on every node. :class:`MetricsServer` keeps the
+bounds it had (asyncio, a bounded request head, timeouts, a connection cap) and takes only
+the body of /metrics from the library (``generate_latest``).
+
+The library renders values as floats (``3.0``) and ``le`` bounds as ``1.0`` where the old
+exposition wrote ``3`` and ``1``; Prometheus reads both the same. Counters export no
+``*_created`` series (docs/metrics.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import socket
 import threading
-from collections.abc import Callable, Sequence
+import urllib.parse
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
 
 from csi_driver.config import split_host_port
 
@@ -19,113 +38,84 @@ log = logging.getLogger(__name__)
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-
-def _labels(names: Sequence[str], values: Sequence[str]) -> str:
-    if not names:
-        return ""
-    parts = []
-    for n, v in zip(names, values, strict=True):
-        escaped = v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        parts.append(f'{n}="{escaped}"')
-    return "{" + ",".join(parts) + "}"
-
-
-class Counter:
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        self.name, self.help, self.label_names = name, help_text, tuple(labels)
-        self._values: dict[tuple[str, ...], float] = {}
-        self._lock = threading.Lock()
-
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        with self._lock:
-            self._values[labels] = self._values.get(labels, 0.0) + amount
-
-    def value(self, *labels: str) -> float:
-        with self._lock:
-            return self._values.get(labels, 0.0)
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        with self._lock:
-            for key, val in sorted(self._values.items()):
-                lines.append(f"{self.name}{_labels(self.label_names, key)} {val:g}")
-        return lines
-
-
-class Histogram:
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labels: Sequence[str] = (),
-        buckets: Sequence[float] = _BUCKETS,
-    ) -> None:
-        self.name, self.help, self.label_names = name, help_text, tuple(labels)
-        self.buckets = tuple(buckets)
-        self._data: dict[tuple[str, ...], tuple[list[int], float, int]] = {}
-        self._lock = threading.Lock()
-
-    def observe(self, value: float, *labels: str) -> None:
-        with self._lock:
-            counts, total, n = self._data.get(labels, ([0] * len(self.buckets), 0.0, 0))
-            i = bisect.bisect_left(self.buckets, value)
-            if i < len(counts):
-                counts[i] += 1
-            self._data[labels] = (counts, total + value, n + 1)
-
-    def count(self, *labels: str) -> int:
-        with self._lock:
-            return self._data.get(labels, ([], 0.0, 0))[2]
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        names = (*self.label_names, "le")
-        with self._lock:
-            for key, (counts, total, n) in sorted(self._data.items()):
-                cumulative = 0
-                for bound, c in zip(self.buckets, counts, strict=True):
-                    cumulative += c
-                    lines.append(
-                        f"{self.name}_bucket{_labels(names, (*key, f'{bound:g}'))} {cumulative}"
-                    )
-                lines.append(f"{self.name}_bucket{_labels(names, (*key, '+Inf'))} {n}")
-                lines.append(f"{self.name}_sum{_labels(self.label_names, key)} {total:g}")
-                lines.append(f"{self.name}_count{_labels(self.label_names, key)} {n}")
-        return lines
+# A ``*_created`` gauge per counter and histogram series would double the series the driver
+# exports for a timestamp nobody reads; the library only offers this switch process-wide.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
     """The driver's metrics. One instance, passed to whoever records."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
         self.rpc_total = Counter(
-            "csi_driver_rpc_total", "CSI RPCs handled, by method and gRPC code.", ("method", "code")
+            "csi_driver_rpc_total",
+            "CSI RPCs handled, by method and gRPC code.",
+            ("method", "code"),
+            registry=self.registry,
         )
         self.rpc_seconds = Histogram(
-            "csi_driver_rpc_duration_seconds", "CSI RPC latency.", ("method",)
+            "csi_driver_rpc_duration_seconds",
+            "CSI RPC latency.",
+            ("method",),
+            buckets=_BUCKETS,
+            registry=self.registry,
         )
         self.command_total = Counter(
             "csi_driver_command_total",
             "External commands run, by program and outcome.",
             ("program", "result"),
+            registry=self.registry,
         )
         self.command_seconds = Histogram(
-            "csi_driver_command_duration_seconds", "External command latency.", ("program",)
+            "csi_driver_command_duration_seconds",
+            "External command latency.",
+            ("program",),
+            buckets=_BUCKETS,
+            registry=self.registry,
         )
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        self.rpc_total.inc(method, code)
-        self.rpc_seconds.observe(seconds, method)
+        self.rpc_total.labels(method, code).inc()
+        self.rpc_seconds.labels(method).observe(seconds)
 
     def observe_command(self, program: str, seconds: float, ok: bool) -> None:
-        self.command_total.inc(program, "ok" if ok else "error")
-        self.command_seconds.observe(seconds, program)
+        self.command_total.labels(program, "ok" if ok else "error").inc()
+        self.command_seconds.labels(program).observe(seconds)
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for m in (self.rpc_total, self.rpc_seconds, self.command_total, self.command_seconds):
-            lines.extend(m.render())
-        return "\n".join(lines) + "\n"
+    def add_collector(self, collector: Collector) -> None:
+        """Export what ``collector`` computes at scrape time (storage_metrics.py)."""
+        self.registry.register(collector)
+
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0 when it was never recorded), for tests and
+        benchmarks that read a counter in process."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def render(self, names: Collection[str] = ()) -> str:
+        """The text exposition of every metric, or of the families ``names`` lists (sample
+        names, as Prometheus's ``name[]`` parameter gives them). Collectors may wait for a
+        storage report (at most their bound), so the server calls this off its event loop; a
+        scrape of other families runs no report."""
+        registry = self.registry.restricted_registry(names) if names else self.registry
+        return prometheus_client.generate_latest(registry).decode()
+
+
+#: ``/metrics?name[]=...`` parameters one scrape may give
+MAX_NAMES = 64
+
+
+def _requested_names(query: bytes) -> frozenset[str] | None:
+    """The ``name[]`` parameters of a query (none: every family), or None past MAX_NAMES."""
+    try:
+        pairs = urllib.parse.parse_qsl(
+            query.decode("ascii"), max_num_fields=4 * MAX_NAMES, errors="strict"
+        )
+    except (UnicodeDecodeError, ValueError):
+        return None
+    names = frozenset(v for k, v in pairs if k == "name[]")
+    return names if len(names) <= MAX_NAMES else None
 
 
 class MetricsServer:
@@ -137,7 +127,10 @@ class MetricsServer:
     past ``max_connections`` open at once, a new one replaces the one that has waited longest
     for its request head (it is refused only when all of them are being answered).
     ``health()`` may run external commands, so it runs on one worker thread, shared by
-    concurrent probes, and answers 503 when it takes longer than ``health_timeout``.
+    concurrent probes, and answers 503 when it takes longer than ``health_timeout``. The
+    /metrics page is rendered on another worker thread, one scrape at a time: a collector may
+    wait for its storage report (never longer than its own bound), and the loop goes on
+    serving meanwhile.
     """
 
     MAX_HEAD = 8192
@@ -163,6 +156,7 @@ class MetricsServer:
         self._waiting: dict[asyncio.StreamWriter, None] = {}  # still sending the head, oldest first
         self._health_check: asyncio.Future[str | None] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="healthz")
+        self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="metrics-render")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="metrics-loop", daemon=True
@@ -193,6 +187,7 @@ class MetricsServer:
                 self._thread.join(5)
         self._sock.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._render_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _shutdown(self) -> None:
         server, self._server = self._server, None
@@ -241,9 +236,15 @@ class MetricsServer:
             return 400, "bad request\n", "text/plain"
         if parts[0] != b"GET":
             return 405, "only GET\n", "text/plain"
-        path = parts[1].split(b"?", 1)[0]
+        path, _, query = parts[1].partition(b"?")
         if path == b"/metrics":
-            return 200, self._metrics.render(), "text/plain; version=0.0.4"
+            names = _requested_names(query)
+            if names is None:
+                return 400, f"bad query: at most {MAX_NAMES} name[] parameters\n", "text/plain"
+            body = await asyncio.get_running_loop().run_in_executor(
+                self._render_pool, self._metrics.render, names
+            )
+            return 200, body, CONTENT_TYPE_PLAIN_0_0_4
         if path == b"/healthz":
             problem = await self._check_health()
             return (

@@ -215,3 +215,44 @@ class Usage:
     total_inodes: int = 0
     used_inodes: int = 0
     available_inodes: int = 0
+
+
+@dataclass(frozen=True)
+class ClassCapacity:
+    """One device class (lvm) or root (hostpath) at one moment, as the metrics show it: read
+    from the same report and by the same rules as GetCapacity and the allocation checks, so
+    that a dashboard and a refusal tell the same story."""
+
+    device_class: str
+    #: the class's budget: the VG (thick), the thin pool, the hostpath root's capacity
+    size_bytes: int
+    #: unused on the storage itself: VG free, pool size minus data used, filesystem free
+    free_bytes: int
+    #: bytes promised to volumes (and to snapshots where they take space)
+    allocated_bytes: int
+    #: what GetCapacity answers for the class's default parameters
+    available_bytes: int
+    volumes: int
+    snapshots: int
+    #: thin classes only: the pool's data and metadata use, 0..1
+    data_used_ratio: float | None = None
+    metadata_used_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class VolumeStat:
+    """One volume's usage, measured as NodeGetVolumeStats measures it."""
+
+    volume_id: str
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class StorageReport:
+    """What a backend can tell cheaply about its storage: per class, and per volume where it
+    can measure the volume without touching its data."""
+
+    classes: tuple[ClassCapacity, ...] = ()
+    volumes: tuple[VolumeStat, ...] = ()
+    #: volumes that could have been measured but were not: past the bound, or unreadable
+    volumes_skipped: int = 0

@@ -228,6 +228,8 @@ class _Bridge(_AioInterceptor):
         self._interceptors, self._pool = tuple(interceptors), pool
         self._max_waiting = max_waiting
         self._waiting: set[asyncio.Task[Any]] = set()
+        #: method -> (the intercepted handler, its bridge): made once per method, not per call
+        self._bridged: dict[str, tuple[Handler, Handler]] = {}
         self._refused, self._warned_at = 0, 0.0
 
     async def intercept_service(  # type: ignore[override]
@@ -244,11 +246,16 @@ class _Bridge(_AioInterceptor):
         handler = _chain(self._interceptors, 0, base, handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        return grpc.unary_unary_rpc_method_handler(
+        cached = self._bridged.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        bridge: Handler = grpc.unary_unary_rpc_method_handler(
             functools.partial(self._call, handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._bridged[handler_call_details.method] = (handler, bridge)
+        return bridge
 
     def _warn_refused(self) -> None:
         """At most one line every 10 s, however many calls are refused."""

@@ -3,7 +3,8 @@
 # ${CSI_CACHE_DIR:-$HOME/.cache/nodelocal-csi}/bin:
 #   csi-provisioner  csi-attacher  csi-resizer  csi-snapshotter  snapshot-controller
 #       from the Go module proxy through our tools module (tools/sidecars);
-#   csi-node-driver-registrar  livenessprobe
+#   csi-node-driver-registrar  livenessprobe  hostpathplugin (the reference driver `make bench`
+#   runs side by side with this one)
 #       from their upstream release sources in ../shared/third_party (beside the repository;
 #       $CSI_THIRD_PARTY_DIR overrides), offline with their vendor folders, else from the Go
 #       module proxy. Their modules are published without the /v2 suffix their v2.x tags need,
@@ -11,6 +12,7 @@
 #       and names what is missing.
 # Idempotent: a binary is rebuilt only when its input changed (tools/sidecars/go.mod and go.sum;
 # the source tarball's checksum), recorded in a stamp under $CSI_CACHE_DIR/stamps.
+# Arguments name the binaries to build (default: all), e.g. `install-sidecars.sh hostpathplugin`.
 # Prints the bin directory on its last line.
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -36,11 +38,26 @@ SIDECARS=(
 NODE_SIDECARS=(
     "csi-node-driver-registrar v2.17.0 node-driver-registrar-v2.17.0.tar.gz github.com/kubernetes-csi/node-driver-registrar cmd/csi-node-driver-registrar"
     "livenessprobe v2.19.0 livenessprobe-v2.19.0.tar.gz github.com/kubernetes-csi/livenessprobe cmd/livenessprobe"
+    "hostpathplugin v1.18.0 csi-driver-host-path-v1.18.0.tar.gz github.com/kubernetes-csi/csi-driver-host-path cmd/hostpathplugin"
 )
+
+# wanted NAME: NAME is among the arguments, or there are none.
+wanted() {
+    [ ${#ONLY[@]} -eq 0 ] && return 0
+    local n
+    for n in "${ONLY[@]}"; do [ "$n" = "$1" ] && return 0; done
+    return 1
+}
+ONLY=("$@")
+for n in "${ONLY[@]}"; do
+    printf '%s\n' "${SIDECARS[@]}" "${NODE_SIDECARS[@]}" | grep -q "^$n " ||
+        { echo "install-sidecars: no binary named '$n' here" >&2; exit 2; }
+done
 
 module_hash="$(cat "$MODULE_DIR/go.mod" "$MODULE_DIR/go.sum" | sha256sum | cut -d' ' -f1)"
 for entry in "${SIDECARS[@]}"; do
     read -r name package version <<<"$entry"
+    wanted "$name" || continue
     want="$package@$version $module_hash"
     if stamp_matches "sidecar-$name" "$want" "$BIN_DIR/$name"; then
         echo "install-sidecars: $name $version already built"
@@ -90,6 +107,7 @@ build_from_proxy() {
 missing=()
 for entry in "${NODE_SIDECARS[@]}"; do
     read -r name version tarball module package <<<"$entry"
+    wanted "$name" || continue
     if [ -f "$THIRD_PARTY_DIR/$tarball" ]; then
         sum=$(awk -v f="$tarball" '$2 == f || $2 == "*" f {print $1}' "$THIRD_PARTY_DIR/SHA256SUMS" 2>/dev/null)
         if [ -z "$sum" ]; then

@@ -48,6 +48,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_samples(text: str) -> Samples:
+    """Every sample of a /metrics page, by name and sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(page: Samples, name: str, **labels: str) -> float:
+    """One sample of a parsed page (KeyError when it is not there)."""
+    return page[(name, tuple(sorted(labels.items())))]
+
+
 def parse_command_counts(text: str) -> CommandCounts:
     """``csi_driver_command_total`` from a /metrics page: (program, result) -> count."""
     counts: CommandCounts = {}
@@ -97,7 +116,7 @@ class DriverProcess:
     #: argv prefix, e.g. a MountNamespace's enter() to run the driver in a private namespace
     prefix: list[str] = field(default_factory=list)
     #: how often readiness is polled while starting
-    poll_interval: float = 0.1
+    poll_interval: float = 0.01
     process: subprocess.Popen[bytes] | None = None
     exits: list[int] = field(default_factory=list)  # exit codes of SIGTERM stops
 
@@ -183,10 +202,19 @@ class DriverProcess:
 
     def command_counts(self) -> CommandCounts:
         """External commands the driver ran so far, from its own /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        # only this family: a full scrape would run a storage report (an lvm2 command) itself
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics?name[]=csi_driver_command_total"
         with urllib.request.urlopen(url, timeout=10) as reply:
             body: bytes = reply.read()
         return parse_command_counts(body.decode())
+
+    def scrape(self, timeout: float = 30.0) -> Samples:
+        """A full scrape of its /metrics, parsed (it runs a storage report when the cached one
+        is older than the collector's TTL)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            body: bytes = reply.read()
+        return parse_samples(body.decode())
 
     def stubs(self) -> contextlib.AbstractContextManager[Csi]:
         return csi_stubs(self.target)

@@ -31,5 +31,6 @@ def build_backend(config: Config, runner: SubprocessRunner) -> Backend:
         # lvm2 in the host's mount namespace: its lvm.conf, metadata archives and tools
         dataclasses.replace(runner, prefix=NSENTER_PREFIX) if config.lvm.use_nsenter else runner,
         udev_sync=config.lvm.udev_sync,
+        thin_pool_threshold=config.lvm.thin_pool_threshold,
     )
     return lvm

@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
+from csi_driver import ids
 from csi_driver.model import (
     Attachment,
     Parameters,
     Snapshot,
+    StorageReport,
     Volume,
     VolumeCondition,
     VolumeSpec,
 )
+
+T = TypeVar("T")
+
+
+def listed_after(entries: Iterable[T], key: Callable[[T], str], after: str, limit: int) -> list[T]:
+    """The one rule of every listing: the entries whose id (``key``) sorts after ``after``, in
+    id order, at most ``limit`` of them (0 = no limit).
+
+    List tokens name the last id of a page (services/pagination.py), so a listing that starts
+    strictly after it neither repeats an entry nor skips one that existed throughout, however
+    many are created or deleted between pages.
+    """
+    ordered = sorted((e for e in entries if key(e) > after), key=key)
+    return ordered[:limit] if limit > 0 else ordered
+
+
+def local_range(after: str, kind: str, limit: int) -> tuple[str, int]:
+    """Where to read, in local-part order, for :func:`listed_after` ``(after, limit)`` over ids
+    of ``kind`` ("" or an id of ``kind``, of any node, for ``after``): from the local part
+    ``start`` (inclusive), at most ``count`` rows (0 = no limit).
+
+    An id is its local part, the same length for every id of a kind, then ``@<node>``: so ids
+    sort by their local parts first, and only the one whose local part equals ``after``'s can
+    be read from ``start`` without sorting after ``after``. One row more is read for it, and
+    :func:`listed_after`, applied to what was read, drops it.
+    """
+    if not after:
+        return "", limit
+    parsed = ids.parse(after, kind)
+    if parsed is None:
+        raise ValueError(f"cannot list after {after!r}: it is not an id of kind {kind!r}")
+    return parsed.local, limit + 1 if limit > 0 else 0
 
 
 class Backend(Protocol):
@@ -73,8 +107,11 @@ class Backend(Protocol):
 
     def get_volume(self, volume_id: str) -> Volume | None: ...
 
-    def list_volumes(self) -> Sequence[Volume]:
-        """All volumes, sorted by id (pagination is the servicer's)."""
+    def list_volumes(self, after: str = "", limit: int = 0) -> Sequence[Volume]:
+        """The volumes :func:`listed_after` selects: ids after ``after`` ("" or a volume id of
+        any node; exclusive), in id order, at most ``limit`` (0 = no limit). ListVolumes asks
+        for one page at a time, so a backend that can should answer without reading every
+        volume."""
 
     def capacity(self, parameters: Parameters) -> int:
         """Bytes available for new volumes with these parameters."""
@@ -96,10 +133,16 @@ class Backend(Protocol):
 
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None: ...
 
-    def list_snapshots(self) -> Sequence[Snapshot]:
-        """All snapshots, sorted by id."""
+    def list_snapshots(self, after: str = "", limit: int = 0) -> Sequence[Snapshot]:
+        """The snapshots :func:`listed_after` selects, as :meth:`list_volumes` does."""
 
     def volume_condition(self, volume_id: str) -> VolumeCondition: ...
+
+    def storage_report(self, max_volumes: int) -> StorageReport:
+        """The storage as the metrics show it (storage_metrics.py): per class, the numbers
+        GetCapacity works from, and the usage of at most ``max_volumes`` volumes, measured as
+        NodeGetVolumeStats measures them, where that costs no more than a ``statvfs``.
+        Cheap enough to answer every few seconds: at most one lvm2 report."""
 
     # --- node side -------------------------------------------------------------
 

@@ -7,10 +7,15 @@ import enum
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from csi_driver import DEFAULT_DRIVER_NAME
-from csi_driver.config.device_classes import DeviceClass
 from csi_driver.ids import check_node_id
+
+if TYPE_CHECKING:
+    # Only a type here: the device classes are read by an lvm start alone, so the hostpath
+    # start does not load their module (start-up time).
+    from csi_driver.config.device_classes import DeviceClass
 
 
 class Mode(enum.Enum):
@@ -100,12 +105,31 @@ class HostPathConfig:
     capacity_bytes: int | None  # None: the free space of the root's filesystem
 
 
+#: percent of a thin pool in use at which its volumes' condition turns abnormal
+DEFAULT_THIN_POOL_THRESHOLD = 90.0
+
+
 @dataclass(frozen=True)
 class LvmConfig:
     #: parsed and checked at start (exactly one default; device_classes.py)
     device_classes: tuple[DeviceClass, ...]
     use_nsenter: bool = False  # run lvm2 in the host's mount namespace
     udev_sync: bool = True
+    #: a thin volume's condition turns abnormal when its pool's data or metadata use reaches
+    #: this many percent (docs/volume-health.md)
+    thin_pool_threshold: float = DEFAULT_THIN_POOL_THRESHOLD
+
+    def __post_init__(self) -> None:
+        check_thin_pool_threshold(self.thin_pool_threshold)
+
+
+def check_thin_pool_threshold(percent: float) -> None:
+    """Above 0 and at most 100: a pool at 100% is full whatever the threshold, and one at 0%
+    would make every thin volume abnormal."""
+    if not 0 < percent <= 100:
+        raise ValueError(
+            f"the thin pool threshold must be a percentage above 0 and at most 100, got {percent:g}"
+        )
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,14 @@ Secrets are accepted and ignored (the interceptor redacts them from logs).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
 from csi_driver import ids, model
 from csi_driver.backends import mutable
-from csi_driver.backends.base import Backend
+from csi_driver.backends.base import Backend, listed_after
 from csi_driver.config import Config, Mode
 from csi_driver.errors import (
     AlreadyExists,
@@ -37,7 +38,11 @@ from csi_driver.errors import (
 from csi_driver.locks import KeyLocks
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from csi_driver.services import convert, fs_type, pagination, sizing
-from csi_driver.services.peer import Forwarder
+
+if TYPE_CHECKING:
+    # a type only: the peer channel (and its Kubernetes API client) loads in controller mode
+    # with --peer-* alone, off every other start (start-up time)
+    from csi_driver.services.peer import Forwarder
 
 log = logging.getLogger(__name__)
 
@@ -394,24 +399,24 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListVolumesResponse:
         backend = self._storage("ListVolumes")
-        page, next_token = pagination.paginate(
-            backend.list_volumes(),
+
+        def entry(volume: model.Volume) -> csi_pb2.ListVolumesResponse.Entry:
+            published, condition = self._status_entry(backend, volume)
+            return csi_pb2.ListVolumesResponse.Entry(
+                volume=convert.volume_to_pb(volume, self._key),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                    published_node_ids=published, volume_condition=condition
+                ),
+            )
+
+        entries, next_token = pagination.page(
+            backend.list_volumes,
             lambda v: v.id,
             "v",
             request.max_entries,
             request.starting_token,
+            entry,
         )
-        entries = []
-        for volume in page:
-            published, condition = self._status_entry(backend, volume)
-            entries.append(
-                csi_pb2.ListVolumesResponse.Entry(
-                    volume=convert.volume_to_pb(volume, self._key),
-                    status=csi_pb2.ListVolumesResponse.VolumeStatus(
-                        published_node_ids=published, volume_condition=condition
-                    ),
-                )
-            )
         return csi_pb2.ListVolumesResponse(entries=entries, next_token=next_token)
 
     def ControllerGetVolume(
@@ -552,8 +557,28 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ListSnapshotsResponse:
         backend = self._storage("ListSnapshots")
-        pagination.check_max_entries(request.max_entries)
-        snapshots: list[model.Snapshot]
+        entries, next_token = pagination.page(
+            lambda after, limit: self._snapshots_after(backend, request, after, limit),
+            lambda s: s.id,
+            "s",
+            request.max_entries,
+            request.starting_token,
+            lambda s: csi_pb2.ListSnapshotsResponse.Entry(snapshot=convert.snapshot_to_pb(s)),
+        )
+        return csi_pb2.ListSnapshotsResponse(entries=entries, next_token=next_token)
+
+    def _snapshots_after(
+        self, backend: Backend, request: csi_pb2.ListSnapshotsRequest, after: str, limit: int
+    ) -> Sequence[model.Snapshot]:
+        """ListSnapshots' entries after ``after``, filtered as the request asks.
+
+        Unfiltered, the backend cuts the page. A ``snapshot_id`` is looked up on its own; a
+        ``source_volume_id`` reads every snapshot after ``after`` and keeps that volume's, as
+        the backend lists by id alone. Either way the page follows the backends' rule.
+        """
+        source = request.source_volume_id
+        if not request.snapshot_id and not source:
+            return backend.list_snapshots(after, limit)
         if request.snapshot_id:
             # An id that is malformed or not of this node names nothing here: empty, not error.
             parsed = ids.parse(request.snapshot_id, "s")
@@ -562,21 +587,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 if parsed is not None and parsed.node_id == self._node
                 else None
             )
-            snapshots = [found] if found is not None else []
+            candidates: Sequence[model.Snapshot] = [found] if found is not None else []
         else:
-            snapshots = list(backend.list_snapshots())
-        if request.source_volume_id:
-            snapshots = [s for s in snapshots if s.source_volume_id == request.source_volume_id]
-        page, next_token = pagination.paginate(
-            snapshots, lambda s: s.id, "s", request.max_entries, request.starting_token
-        )
-        return csi_pb2.ListSnapshotsResponse(
-            entries=[
-                csi_pb2.ListSnapshotsResponse.Entry(snapshot=convert.snapshot_to_pb(s))
-                for s in page
-            ],
-            next_token=next_token,
-        )
+            candidates = backend.list_snapshots(after)
+        kept = [s for s in candidates if not source or s.source_volume_id == source]
+        return listed_after(kept, lambda s: s.id, after, limit)
 
     def GetSnapshot(
         self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext

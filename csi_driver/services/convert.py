@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable, Mapping
 
 from csi_driver import ids, model
-from csi_driver.bounded import echo
+from csi_driver.bounded import cap_message, echo
 from csi_driver.errors import InvalidArgument, OutOfRange
 from csi_driver.proto import csi_pb2
 
@@ -189,8 +189,15 @@ def snapshot_to_pb(snapshot: model.Snapshot) -> csi_pb2.Snapshot:
     return out
 
 
+#: a condition's message ends up in Events and on PVCs: it says what is wrong and what to do
+CONDITION_MESSAGE_BYTES = 1024
+
+
 def condition_to_pb(condition: model.VolumeCondition) -> csi_pb2.VolumeCondition:
-    return csi_pb2.VolumeCondition(abnormal=condition.abnormal, message=condition.message)
+    return csi_pb2.VolumeCondition(
+        abnormal=condition.abnormal,
+        message=cap_message(condition.message, CONDITION_MESSAGE_BYTES),
+    )
 
 
 def usage_to_pb(usage: model.Usage) -> list[csi_pb2.VolumeUsage]:

@@ -1,19 +1,27 @@
-"""Loop devices over image files, through ``losetup``.
+"""Loop devices over image files: attached, detached and resized through ``losetup``, looked
+up in-process (:mod:`csi_driver.system.loopinfo`).
 
 Attaching is idempotent: an image that already has a loop device gets that device back, so a
-restarted driver finds the devices its predecessor attached. ``losetup --associated`` matches
-the image by device and inode number, not only by name. A device that is set to clear itself
-(``autoclear``: it was detached while still open) is on its way out and is never reused.
+restarted driver finds the devices its predecessor attached. An image's devices are those whose
+backing file has the image's device and inode numbers, the rule of ``losetup --associated``: a
+renamed image keeps its devices, and another file put at the image's path has none. A device
+that is set to clear itself (``autoclear``: it was detached while still open) is on its way out
+and is never reused. Looking up costs no command, so only an attach, a detach and a resize run
+one; ``losetup`` stays for those because it already handles the races of claiming a free
+device.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi_driver.system import loopinfo
 from csi_driver.system.failure import SystemFailure
 from csi_driver.system.runner import CommandError, Runner
 
@@ -31,51 +39,47 @@ class LoopError(SystemFailure):
 @dataclass(frozen=True)
 class LoopDevice:
     name: str  # /dev/loopN
-    backing_file: str
+    backing_file: str  # as the kernel shows it now
     autoclear: bool
 
 
-def parse_list(text: str) -> list[LoopDevice]:
-    """Parse ``losetup --list --json --output NAME,AUTOCLEAR,BACK-FILE``."""
-    if not text.strip():
-        return []
-    try:
-        data = json.loads(text)
-        return [
-            LoopDevice(
-                name=str(d["name"]),
-                backing_file=str(d.get("back-file") or "").strip(),
-                autoclear=d.get("autoclear") in (True, "1", 1),
-            )
-            for d in data.get("loopdevices", [])
-        ]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LoopError(f"cannot parse losetup output: {exc}: {text[:200]!r}") from exc
+#: what says that a path names no file, as ``Path.exists`` reads it
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
+
+
+def associated(devices: list[loopinfo.BoundLoop], st: os.stat_result) -> list[LoopDevice]:
+    """The devices among ``devices`` whose backing file is the file ``st`` describes."""
+    return [
+        LoopDevice(d.name, d.backing_file, d.status.autoclear)
+        for d in devices
+        if d.status.backs(st)
+    ]
 
 
 class Loops:
     """Loop device operations on image files. Knows nothing of CSI."""
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        bound: Callable[[], list[loopinfo.BoundLoop]] = loopinfo.bound,
+    ) -> None:
         self._runner = runner
+        self._bound = bound
 
     def devices_for(self, image: Path) -> list[LoopDevice]:
         """Loop devices whose backing file is ``image`` (none when it does not exist)."""
-        if not image.exists():
-            return []
-        result = self._run(
-            [
-                "losetup",
-                "--list",
-                "--json",
-                "--output",
-                "NAME,AUTOCLEAR,BACK-FILE",
-                "--associated",
-                str(image),
-            ],
-            f"list the loop devices of {image}",
-        )
-        return parse_list(result)
+        try:
+            st = os.stat(image)
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                return []
+            raise LoopError(f"cannot look at {image}: {exc.strerror}", errno=exc.errno) from exc
+        try:
+            devices = self._bound()
+        except OSError as exc:
+            raise LoopError(f"cannot list the loop devices of {image}: {exc}") from exc
+        return associated(devices, st)
 
     def attach(self, image: Path) -> str:
         """The loop device of ``image``, attaching one when there is none."""

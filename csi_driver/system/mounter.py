@@ -84,6 +84,8 @@ class MountInfo:
 
 def _unescape(field: bytes) -> str:
     """The kernel escapes space, tab, newline and backslash in paths as ``\\ooo``."""
+    if b"\\" not in field:  # nearly every field: the table is parsed on every DeleteVolume
+        return os.fsdecode(field)
     return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), field))
 
 

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -201,6 +200,8 @@ def _stdin(data: str | None) -> Iterator[int | IO[bytes]]:
     if not data:
         yield subprocess.DEVNULL
         return
+    import tempfile  # here, not at the top: few commands read stdin (start-up time)
+
     with tempfile.TemporaryFile() as f:
         f.write(data.encode())
         f.seek(0)

@@ -57,6 +57,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "snapshots-off": {"snapshots": {"enabled": False}},
     "modify-policed": {"modify": {"networkPolicy": True, "port": 9900}},
     "modify-off": {"modify": {"enabled": False}},
+    "health-monitor-on": {"healthMonitor": {"enabled": True}},
     "renamed-driver": {
         "driverName": "edge.storage.example.org",
         "kubeletDir": "/var/lib/k0s/kubelet",

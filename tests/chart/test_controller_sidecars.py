@@ -166,7 +166,10 @@ def controller_pod(
     pod = ControllerPod(tmp_path, rendered, sock, kubeconfig, sidecar_bin, [])
     try:
         driver = container(rendered.deployment, "driver")
-        args = _expand(driver["args"], {"NODE_NAME": "ctrl-node", "POD_NAMESPACE": "kube-system"})
+        args = _expand(
+            driver["args"],
+            {"NODE_NAME": "ctrl-node", "POD_NAMESPACE": "kube-system", "POD_IP": "127.0.0.1"},
+        )
         args = _with(args, "endpoint", f"unix://{sock}")
         args = _with(args, "metrics-address", f"127.0.0.1:{_free_port()}")
         args = _with(args, "peer-tls-dir", str(_peer_tls(rendered, tmp_path / "peer")))

@@ -40,6 +40,7 @@ SIDECAR_NAMES = {
     "csi-attacher",
     "csi-resizer",
     "liveness-probe",
+    "csi-health-monitor",
 }
 
 

@@ -18,6 +18,9 @@ Fixtures
 ``csi``
     Stubs over a channel to ``driver``: ``csi.identity``, ``csi.controller``, ``csi.node``;
     they survive a restart of the driver (gRPC reconnects).
+``vols``
+    Volumes made, staged and published through ``csi`` as the kubelet would
+    (``tests/integration/test_node.py`` ``Volumes``), all undone at the end.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from testkit.driver_process import Csi, DriverProcess, clean_up_host, csi_stubs, mounts_under
+
+if TYPE_CHECKING:
+    from tests.integration.test_node import Volumes
 
 NODE_ID = "it-node"
 
@@ -70,3 +77,17 @@ def driver(workdir: Path) -> Iterator[DriverProcess]:
 def csi(driver: DriverProcess) -> Iterator[Csi]:
     with csi_stubs(driver.target) as stubs:
         yield stubs
+
+
+@pytest.fixture
+def vols(csi: Csi, workdir: Path, driver: DriverProcess) -> Iterator[Volumes]:
+    """Volumes driven through the node RPCs as the kubelet would (tests/integration/test_node.py
+    ``Volumes``), all undone through the driver at the end; a failed undo fails the test."""
+    from tests.integration.test_node import Volumes
+
+    v = Volumes(csi, workdir)
+    try:
+        yield v
+    finally:
+        errors = v.teardown()
+    assert not errors, "teardown through the driver failed:\n" + "\n".join(errors)

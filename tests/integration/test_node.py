@@ -189,16 +189,6 @@ class Volumes:
         return errors
 
 
-@pytest.fixture
-def vols(csi: Csi, workdir: Path, driver: DriverProcess) -> Iterator[Volumes]:
-    v = Volumes(csi, workdir)
-    try:
-        yield v
-    finally:
-        errors = v.teardown()
-    assert not errors, "teardown through the driver failed:\n" + "\n".join(errors)
-
-
 # --- mount volumes ------------------------------------------------------------------------
 
 

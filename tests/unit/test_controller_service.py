@@ -13,6 +13,7 @@ import pytest
 
 from csi_driver import ids, model
 from csi_driver.backends import mutable
+from csi_driver.backends.base import listed_after
 from csi_driver.config import Config, Endpoint, Mode, topology_key
 from csi_driver.errors import AlreadyExists, CsiError, InvalidArgument
 from csi_driver.locks import KeyLocks
@@ -105,11 +106,14 @@ class FakeBackend:
     def get_volume(self, volume_id: str) -> model.Volume | None:
         return self.volumes.get(volume_id)
 
-    def list_volumes(self) -> Sequence[model.Volume]:
-        return [self.volumes[k] for k in sorted(self.volumes)]
+    def list_volumes(self, after: str = "", limit: int = 0) -> Sequence[model.Volume]:
+        return listed_after(self.volumes.values(), lambda v: v.id, after, limit)
 
     def capacity(self, parameters: model.Parameters) -> int:
         return self.free
+
+    def storage_report(self, max_volumes: int) -> model.StorageReport:
+        return model.StorageReport()
 
     def expand_volume(self, volume_id: str, size_bytes: int) -> model.Volume:
         self.calls.append(("expand_volume", volume_id))
@@ -145,8 +149,8 @@ class FakeBackend:
     def get_snapshot(self, snapshot_id: str) -> model.Snapshot | None:
         return self.snapshots.get(snapshot_id)
 
-    def list_snapshots(self) -> Sequence[model.Snapshot]:
-        return [self.snapshots[k] for k in sorted(self.snapshots)]
+    def list_snapshots(self, after: str = "", limit: int = 0) -> Sequence[model.Snapshot]:
+        return listed_after(self.snapshots.values(), lambda s: s.id, after, limit)
 
     def volume_condition(self, volume_id: str) -> model.VolumeCondition:
         return model.VolumeCondition.healthy()

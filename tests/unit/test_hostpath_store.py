@@ -169,9 +169,110 @@ def test_schema_is_versioned_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
     again = Store(tmp_path / "state.db")
     try:
         assert not again.created
-        assert again._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        # NORMAL: the store syncs the log itself after each commit (group commit)
+        assert again._db.execute("PRAGMA synchronous").fetchone()[0] == 1
     finally:
         again.close()
+
+
+def _count_log_syncs(
+    monkeypatch: pytest.MonkeyPatch, store: Store, delay: float = 0.0
+) -> list[int]:
+    """Syncs of the store's write-ahead log, each recorded as the commits done when it began."""
+    wal = os.stat(f"{store.path}-wal").st_ino
+    real_fsync = os.fsync
+    began: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if os.fstat(fd).st_ino == wal:
+            began.append(store._commits)
+            if delay:
+                threading.Event().wait(delay)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return began
+
+
+def test_every_write_returns_after_a_sync_of_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "state.db")
+    try:
+        syncs = _count_log_syncs(monkeypatch, store)
+        before = store._commits
+        store.insert_volume(volume_row("v" + "1" * 32), with_project_id=True)
+        assert syncs == [before + 1]
+        store.set_volume_state("v" + "1" * 32, State.READY)
+        store.delete_volume("v" + "1" * 32)
+        # one sync per transaction, begun after its commit
+        assert syncs == [before + 1, before + 2, before + 3]
+        store.volume("v" + "1" * 32)
+        assert len(syncs) == 3  # reads sync nothing
+    finally:
+        store.close()
+
+
+def test_concurrent_writes_share_syncs_and_each_waits_for_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "state.db")
+    try:
+        syncs = _count_log_syncs(monkeypatch, store, delay=0.05)
+        before = store._commits
+        done: list[tuple[str, int]] = []  # (volume, the newest sync begun when it returned)
+        errors: list[BaseException] = []
+
+        def write(i: int) -> None:
+            try:
+                local = f"v{i:032x}"
+                store.insert_volume(volume_row(local), with_project_id=False)
+                done.append((local, max(syncs)))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert len(done) == 8
+        assert 1 <= len(syncs) < 8  # grouped
+        # the last sync began after the last of the 8 commits: none returned before it
+        assert max(syncs) == before + 8
+        assert all(newest > before for _, newest in done)
+    finally:
+        store.close()
+    reopened = Store(tmp_path / "state.db")
+    try:
+        assert len(reopened.volumes()) == 8
+    finally:
+        reopened.close()
+
+
+def test_a_failed_sync_fails_every_later_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "state.db")
+    try:
+        wal = os.stat(f"{store.path}-wal").st_ino
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            if os.fstat(fd).st_ino == wal:
+                raise OSError(5, "Input/output error")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(StoreError, match="restart the driver"):
+            store.insert_volume(volume_row("v" + "2" * 32), with_project_id=False)
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        with pytest.raises(StoreError, match="restart the driver"):
+            store.insert_volume(volume_row("v" + "3" * 32), with_project_id=False)
+        assert store.volume("v" + "3" * 32) is None
+    finally:
+        store.close()
 
 
 def test_a_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
@@ -781,7 +882,7 @@ def test_a_directory_volume_has_nothing_to_attach(open_backend: _Opener) -> None
 
 
 class FakeQuota:
-    def __init__(self, runner: object, mountpoint: str) -> None:
+    def __init__(self, runner: object, mountpoint: str, device: str = "") -> None:
         self.calls: list[tuple[object, ...]] = []
         FakeQuota.last = self
 

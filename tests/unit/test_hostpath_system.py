@@ -1,12 +1,12 @@
-"""The system pieces under the hostpath backend, without root: loop devices and XFS quotas
-through a recording runner, mount-table lookups from a file standing in for mountinfo.
+"""The system pieces under the hostpath backend, without root: XFS quotas through a recording
+runner, mount-table lookups from a file standing in for mountinfo.
 
-Real loop devices: tests/integration/test_hostpath_backend.py; real quotas: tests/vm.
+Loop devices: tests/unit/test_loop.py; real ones: tests/integration/test_loop.py and
+tests/integration/test_hostpath_backend.py; real quotas: tests/vm.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from csi_driver.system import fsinfo
-from csi_driver.system.loop import LoopError, Loops, parse_list
 from csi_driver.system.mounter import MountInfo
 from csi_driver.system.quota import (
     QuotaError,
@@ -23,7 +22,6 @@ from csi_driver.system.quota import (
     project_of,
     quotable_path,
 )
-from csi_driver.system.runner import CommandError
 from tests.fake_runner import FakeRunner, result
 
 
@@ -31,108 +29,6 @@ def recorder(handler: Callable[[tuple[str, ...]], str] | None = None) -> FakeRun
     """A runner that records argv and answers with ``handler(argv)`` as stdout (which may
     raise)."""
     return FakeRunner((lambda argv: result(argv, out=handler(argv))) if handler else None)
-
-
-def losetup_json(*devices: tuple[str, str, bool]) -> str:
-    return json.dumps(
-        {"loopdevices": [{"name": n, "back-file": f, "autoclear": a} for n, f, a in devices]}
-    )
-
-
-def test_parse_list() -> None:
-    assert parse_list("") == []
-    got = parse_list(losetup_json(("/dev/loop3", "/x/disk.img ", False)))
-    assert [(d.name, d.backing_file, d.autoclear) for d in got] == [
-        ("/dev/loop3", "/x/disk.img", False)
-    ]
-    with pytest.raises(LoopError, match="cannot parse"):
-        parse_list("{not json")
-
-
-def test_attach_reuses_a_live_device_and_skips_one_that_is_clearing(tmp_path: Path) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(b"")
-    listed = losetup_json(("/dev/loop1", str(image), True), ("/dev/loop2", str(image), False))
-    runner = recorder(lambda argv: listed if "--list" in argv else "/dev/loop9\n")
-    assert Loops(runner).attach(image) == "/dev/loop2"
-    assert len(runner.calls) == 1
-
-    clearing = losetup_json(("/dev/loop1", str(image), True))
-    runner = recorder(lambda argv: clearing if "--list" in argv else "/dev/loop9\n")
-    assert Loops(runner).attach(image) == "/dev/loop9"
-    assert runner.calls[-1] == (
-        "losetup",
-        "--find",
-        "--show",
-        "--direct-io=off",
-        "--",
-        str(image),
-    )
-
-
-def test_attach_rejects_odd_losetup_output(tmp_path: Path) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(b"")
-    runner = recorder(lambda argv: "" if "--list" in argv else "something else")
-    with pytest.raises(LoopError, match="instead of a loop device"):
-        Loops(runner).attach(image)
-
-
-def test_detach_and_refresh_touch_every_device_of_the_image(tmp_path: Path) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(b"")
-    listed = losetup_json(("/dev/loop1", str(image), False), ("/dev/loop2", str(image), True))
-    detached: set[str] = set()
-
-    def losetup(argv: tuple[str, ...]) -> str:
-        if "--detach" in argv:
-            detached.add(argv[-1])
-        return "" if detached >= {"/dev/loop1", "/dev/loop2"} else listed
-
-    runner = recorder(losetup)
-    assert Loops(runner).refresh(image) == ["/dev/loop1"]
-    assert runner.calls[-1] == ("losetup", "--set-capacity", "/dev/loop1")
-    assert Loops(runner).detach_all(image) == ["/dev/loop1", "/dev/loop2"]
-    assert ("losetup", "--detach", "/dev/loop2") in runner.calls
-
-
-def test_detach_waits_a_little_for_a_device_held_open_elsewhere(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(b"")
-    listed = losetup_json(("/dev/loop1", str(image), True))
-    lists = []
-
-    def losetup(argv: tuple[str, ...]) -> str:
-        if "--list" in argv:
-            lists.append(argv)
-            return listed if len(lists) < 4 else ""
-        return ""
-
-    assert Loops(recorder(losetup)).detach_all(image, settle=5.0) == ["/dev/loop1"]
-    assert len(lists) == 4  # polled until the holder let go
-    lists.clear()
-    never = recorder(lambda argv: listed if "--list" in argv else "")
-    assert Loops(never).detach_all(image, settle=0.1) == ["/dev/loop1"]
-    assert "still open elsewhere" in caplog.text
-
-
-def test_a_missing_image_has_no_devices_and_costs_no_command(tmp_path: Path) -> None:
-    runner = recorder()
-    assert Loops(runner).detach_all(tmp_path / "gone.img") == []
-    assert runner.calls == []
-
-
-def test_losetup_failure_names_the_image(tmp_path: Path) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(b"")
-
-    def fail(argv: tuple[str, ...]) -> str:
-        raise CommandError(argv, 1, "", "losetup: failed to set up loop device")
-
-    with pytest.raises(LoopError, match=r"disk\.img"):
-        Loops(recorder(fail)).attach(image)
 
 
 def mount(fs_type: str, super_options: tuple[str, ...]) -> MountInfo:

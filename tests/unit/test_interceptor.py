@@ -65,7 +65,7 @@ def test_csi_error_becomes_its_code(served: Served) -> None:
         stub.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="v1"), timeout=5)
     assert exc.value.code() is grpc.StatusCode.NOT_FOUND
     assert exc.value.details() == "volume v1 does not exist"
-    assert metrics.rpc_total.value("DeleteVolume", "NOT_FOUND") == 1
+    assert metrics.value("csi_driver_rpc_total", method="DeleteVolume", code="NOT_FOUND") == 1
 
 
 def test_unexpected_exception_is_internal_and_server_survives(
@@ -90,7 +90,7 @@ def test_unimplemented_rpc(served: Served) -> None:
     with pytest.raises(grpc.RpcError) as exc:
         stub.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=5)
     assert exc.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert metrics.rpc_total.value("ListVolumes", "UNIMPLEMENTED") == 1
+    assert metrics.value("csi_driver_rpc_total", method="ListVolumes", code="UNIMPLEMENTED") == 1
 
 
 def test_secrets_never_reach_the_log(served: Served, caplog: pytest.LogCaptureFixture) -> None:

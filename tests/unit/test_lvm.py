@@ -805,3 +805,18 @@ def test_an_inline_volume_with_a_filesystem_it_cannot_have_is_invalid(
         backend.create_volume(ephemeral_spec(backend, fs_type, attributes))
     assert code(exc) == grpc.StatusCode.INVALID_ARGUMENT
     assert "lvcreate" not in lvm.commands()
+
+
+def test_list_pages_are_cut_from_one_report(backend: LvmBackend, lvm: FakeLvm) -> None:
+    """A page is what follows an id, in id order; lvm2 reports every LV at once, so each page
+    is one report."""
+    volumes = sorted(
+        backend.create_volume(spec(backend, f"pvc-{i}", size=64 * MiB)).id for i in range(5)
+    )
+    snaps = sorted(backend.create_snapshot(f"snap-{i}", volumes[i], {}).id for i in range(3))
+    lvm.calls.clear()
+    assert [v.id for v in backend.list_volumes(volumes[1], 2)] == volumes[2:4]
+    assert [v.id for v in backend.list_volumes(volumes[3])] == volumes[4:]
+    assert [v.id for v in backend.list_volumes()] == volumes
+    assert [s.id for s in backend.list_snapshots(snaps[0], 1)] == snaps[1:2]
+    assert lvm.commands() == ["fullreport"] * 4

@@ -127,3 +127,19 @@ def test_split_host_port(value: str, expected: tuple[str, int]) -> None:
 def test_split_host_port_refuses(value: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         split_host_port(value)
+
+
+def test_name_parameters_select_families_and_are_bounded() -> None:
+    with serving() as server:
+        server._metrics.observe_rpc("Probe", "OK", 0.01)
+        reply = get(
+            server.port, b"GET /metrics?name[]=csi_driver_rpc_total HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert reply.startswith(b"HTTP/1.1 200")
+        assert b'csi_driver_rpc_total{code="OK",method="Probe"} 1.0' in reply
+        assert b"process_" not in reply and b"csi_driver_rpc_duration" not in reply
+        many = "&".join(f"name[]=m{i}" for i in range(65)).encode()
+        reply = get(server.port, b"GET /metrics?" + many + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400")
+        reply = get(server.port, b"GET /metrics?name[]=%ff HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400")

@@ -9,6 +9,7 @@ from csi_driver.config import LogFormat
 from csi_driver.logs import JsonFormatter, setup
 from csi_driver.metrics import Metrics, MetricsServer
 from csi_driver.system.runner import CommandError, SubprocessRunner
+from testkit.driver_process import parse_command_counts
 
 
 def test_runner_returns_output_in_c_locale_and_counts() -> None:
@@ -56,10 +57,13 @@ def test_metrics_text_format() -> None:
     m.observe_rpc("CreateVolume", "OK", 0.2)
     m.observe_command("lvcreate", 0.1, False)
     text = m.render()
-    assert 'csi_driver_rpc_total{method="CreateVolume",code="OK"} 2' in text
-    assert 'csi_driver_rpc_duration_seconds_bucket{method="CreateVolume",le="0.025"} 1' in text
-    assert 'csi_driver_rpc_duration_seconds_bucket{method="CreateVolume",le="+Inf"} 2' in text
-    assert 'csi_driver_command_total{program="lvcreate",result="error"} 1' in text
+    # prometheus-client writes labels in name order and values as floats
+    assert 'csi_driver_rpc_total{code="OK",method="CreateVolume"} 2.0' in text
+    assert 'csi_driver_rpc_duration_seconds_bucket{le="0.025",method="CreateVolume"} 1.0' in text
+    assert 'csi_driver_rpc_duration_seconds_bucket{le="+Inf",method="CreateVolume"} 2.0' in text
+    assert 'csi_driver_command_total{program="lvcreate",result="error"} 1.0' in text
+    assert parse_command_counts(text) == {("lvcreate", "error"): 1.0}
+    assert m.value("csi_driver_rpc_total", method="CreateVolume", code="OK") == 2
     assert "# TYPE csi_driver_rpc_duration_seconds histogram" in text
 
 
@@ -72,7 +76,8 @@ def test_metrics_server_serves_metrics_and_health() -> None:
     try:
         base = f"http://127.0.0.1:{server.port}"
         body = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
-        assert 'csi_driver_rpc_total{method="Probe",code="OK"} 1' in body
+        assert 'csi_driver_rpc_total{code="OK",method="Probe"} 1.0' in body
+        assert "process_resident_memory_bytes" in body
         assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
         problem[0] = "volume group vg0 is missing"
         with pytest.raises(urllib.error.HTTPError) as exc:

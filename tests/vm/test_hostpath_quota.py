@@ -174,3 +174,27 @@ def test_restored_and_restarted_volumes_keep_their_limits(backends: Backends) ->
     written, err = fill(path / "more", 100 * MiB)
     assert err in (errno.ENOSPC, errno.EDQUOT), f"wrote {written} bytes without a quota error"
     assert written <= 24 * MiB + MiB, f"{written} bytes beside 8 MiB in a 32 MiB volume"
+
+
+def test_a_volume_over_its_limit_is_abnormal(backends: Backends, xfs_mount: Path) -> None:
+    """Full is no fault (its usage says so); more than the limit is: a limit lowered below
+    what the volume holds (here by hand, as a root remounted with prjquota after the volume
+    outgrew its size would do) makes every write fail."""
+    backend = backends.open()
+    volume = backend.create_volume(VolumeSpec("over-vol", 32 * MiB, AccessType.MOUNT, "xfs"))
+    path = Path(backend.attach(volume.id).path)
+    projid, _ = project_of(path)
+    (path / "data").write_bytes(os.urandom(20 * MiB))
+    os.sync()
+    assert not backend.volume_condition(volume.id).abnormal
+    quota = ("xfs_quota", "-x", "-D", "/dev/null", "-P", "/dev/null", "-c")
+    sh(*quota, f"limit -p bhard={8 * MiB} {projid}", str(xfs_mount))
+    try:
+        condition = backend.volume_condition(volume.id)
+        assert condition.abnormal, condition
+        assert f"volume directory {path} holds" in condition.message
+        assert f"more than its size limit of {8 * MiB} bytes" in condition.message
+        assert "delete data in it or expand the volume" in condition.message
+    finally:
+        sh(*quota, f"limit -p bhard={32 * MiB} {projid}", str(xfs_mount))
+    assert not backend.volume_condition(volume.id).abnormal

@@ -11,6 +11,7 @@ of the driver's left in the VG afterwards fails the test (a leak).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -111,12 +112,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert not leaked, f"logical volumes left behind: {leaked}"
 
 
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LvmDriver]:
-    """One driver for the module (starting Python in the emulated VM takes ~10 s); tests that
-    restart or kill it leave it running again."""
-    workdir = Path(os.path.realpath(tmp_path_factory.mktemp("lvm-driver")))
-    classes = workdir / "classes.json"
+def device_classes(directory: Path) -> Path:
+    """The lane's two device classes (thin, the default, and thick) in a file for
+    ``--lvm-config``."""
+    classes = directory / "classes.json"
     classes.write_text(
         json.dumps(
             {
@@ -127,21 +126,36 @@ def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LvmDriver]:
             }
         )
     )
-    # staging and target paths live in each test's own directory beside this one
-    kubelet_dir = os.path.realpath(tmp_path_factory.getbasetemp())
-    d = LvmDriver(
-        workdir,
-        node_id=NODE,
-        classes=classes,
-        metrics_port=free_port(),
-        extra_args=["--kubelet-dir", kubelet_dir],
-    )
+    return classes
+
+
+@contextlib.contextmanager
+def running(d: LvmDriver) -> Iterator[LvmDriver]:
+    """The driver started, stopped at the end, and failing the test unless it exited 0."""
     try:
         d.start()
         yield d
     finally:
         d.stop()
     assert all(code == 0 for code in d.exits), d.log_tail()
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LvmDriver]:
+    """One driver for the module (starting Python in the emulated VM takes ~10 s); tests that
+    restart or kill it leave it running again."""
+    workdir = Path(os.path.realpath(tmp_path_factory.mktemp("lvm-driver")))
+    # staging and target paths live in each test's own directory beside this one
+    kubelet_dir = os.path.realpath(tmp_path_factory.getbasetemp())
+    d = LvmDriver(
+        workdir,
+        node_id=NODE,
+        classes=device_classes(workdir),
+        metrics_port=free_port(),
+        extra_args=["--kubelet-dir", kubelet_dir],
+    )
+    with running(d):
+        yield d
 
 
 @pytest.fixture(scope="module")
@@ -562,7 +576,7 @@ def test_deactivated_volume_is_reported_abnormal(node: Node, csi: Csi) -> None:
         csi_pb2.ControllerGetVolumeRequest(volume_id=volume.volume_id)
     )
     assert reply.status.volume_condition.abnormal
-    assert "not active" in reply.status.volume_condition.message
+    assert "is inactive" in reply.status.volume_condition.message
     # staging activates it again
     node.use(volume.volume_id, "cond-pod")
     reply = csi.controller.ControllerGetVolume(

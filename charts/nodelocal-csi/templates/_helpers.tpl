@@ -151,3 +151,20 @@ allowedTopologies:
 {{- fail "at most one StorageClass may be marked isDefault" }}
 {{- end }}
 {{- end }}
+
+{{/* The job label of the node plugins' scrape target: the PodMonitor sets it and the alerts
+     select by it, so both must take it from here. */}}
+{{- define "nodelocal-csi.metricsJob" -}}
+{{- printf "%s-node" (include "nodelocal-csi.fullname" .) }}
+{{- end }}
+
+{{/* Whether to render an object of a Prometheus Operator kind; the argument is
+     (list $ <values of the object> "<group/version/Kind>"): enabled, and either the cluster
+     serves the kind or the values force it. */}}
+{{- define "nodelocal-csi.monitoringEnabled" -}}
+{{- $root := index . 0 }}
+{{- $values := index . 1 }}
+{{- if and $values.enabled (or $values.force ($root.Capabilities.APIVersions.Has (index . 2))) -}}
+true
+{{- end }}
+{{- end }}

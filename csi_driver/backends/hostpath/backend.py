@@ -4,9 +4,9 @@ This module is the facade that wires the parts of one root, each in its own modu
 things live and the id grammar that keeps every path inside the root (layout.py), the
 database (store.py), what the parts share (root.py: locks, capacity, ids), the volumes
 (volumes.py), the snapshots (snapshots.py), the size limits of directory volumes
-(limits.py), the loop devices of the node side (attachments.py) and the start-up recovery
-(recovery.py). Byte work on the data (growing an image, wiping) is in
-:mod:`csi_driver.system.extents`.
+(limits.py), the loop devices of the node side (attachments.py), the start-up recovery
+(recovery.py) and the storage report of the metrics (report.py). Byte work on the data
+(growing an image, wiping) is in :mod:`csi_driver.system.extents`.
 
 Crash safety: every change is written to the database before the storage is touched.
 Creating inserts a ``creating`` row, builds the storage and marks the row ``ready``; a retry
@@ -56,6 +56,7 @@ from csi_driver.backends.hostpath.attachments import Attachments
 from csi_driver.backends.hostpath.layout import PRIVATE_DIR_MODE, Layout, is_real_dir
 from csi_driver.backends.hostpath.limits import DirectoryLimits
 from csi_driver.backends.hostpath.recovery import Recovery, check_state_matches_storage
+from csi_driver.backends.hostpath.report import storage_report
 from csi_driver.backends.hostpath.root import Root
 from csi_driver.backends.hostpath.snapshots import Snapshots
 from csi_driver.backends.hostpath.store import Store
@@ -65,6 +66,7 @@ from csi_driver.model import (
     Attachment,
     Parameters,
     Snapshot,
+    StorageReport,
     Volume,
     VolumeCondition,
     VolumeSpec,
@@ -114,6 +116,7 @@ class HostPathBackend:
                     raise RuntimeError(f"{directory} must be a directory, not a link or file")
             mount = fsinfo.mount_of(self.root)
             limits = DirectoryLimits.of(runner, self.root, self._layout.volumes_dir, mount)
+            self._limits = limits
             self._volumes = Volumes(self._root, limits, mount.fs_type)
             self._snapshots = Snapshots(self._root)
             self._attachments = Attachments(self._root, self._volumes)
@@ -172,13 +175,16 @@ class HostPathBackend:
         with self._root.alloc:
             return self._root.available()
 
+    def storage_report(self, max_volumes: int) -> StorageReport:
+        return storage_report(self._root, self._limits.enforced, max_volumes)
+
     # --- volumes -----------------------------------------------------------------------------
 
     def get_volume(self, volume_id: str) -> Volume | None:
         return self._volumes.get(volume_id)
 
-    def list_volumes(self) -> Sequence[Volume]:
-        return self._volumes.all_ready()
+    def list_volumes(self, after: str = "", limit: int = 0) -> Sequence[Volume]:
+        return self._volumes.ready_after(after, limit)
 
     def create_volume(self, spec: VolumeSpec) -> Volume:
         return self._volumes.create(spec)
@@ -203,8 +209,8 @@ class HostPathBackend:
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
         return self._snapshots.get(snapshot_id)
 
-    def list_snapshots(self) -> Sequence[Snapshot]:
-        return self._snapshots.all_ready()
+    def list_snapshots(self, after: str = "", limit: int = 0) -> Sequence[Snapshot]:
+        return self._snapshots.ready_after(after, limit)
 
     def create_snapshot(
         self, name: str, source_volume_id: str, parameters: Mapping[str, str]

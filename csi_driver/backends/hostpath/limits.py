@@ -45,7 +45,7 @@ class DirectoryLimits:
                 "directory volume sizes are enforced with XFS project quotas",
                 extra={"root": str(root), "mountpoint": mount.mount_point},
             )
-            return cls(XfsProjectQuota(runner, mount.mount_point))
+            return cls(XfsProjectQuota(runner, mount.mount_point, mount.source))
         why = (
             f"its path {str(volumes_dir)!r} holds characters xfs_quota cannot take"
             if enforced
@@ -100,5 +100,28 @@ class DirectoryLimits:
         except QuotaError as exc:
             return str(exc)
         if project != (row.project_id, True):
-            return f"the size limit of {path} is not applied (project {project[0]})"
+            return (
+                f"the size limit of {path} is not applied (project {project[0]}); restarting"
+                " the driver applies it"
+            )
+        return _over_limit(self._quota, path, row.project_id)
+
+
+def _over_limit(quota: XfsProjectQuota, path: Path, project_id: int) -> str | None:
+    """A volume holding more than its limit: a root remounted with ``prjquota`` after the
+    volume outgrew its size (:meth:`DirectoryLimits.ensure` then applies a limit below its
+    usage), or a limit changed by hand. Writes then fail until data is deleted. A volume
+    merely full (at its limit) is not abnormal: its usage says so. One quotactl(2), no
+    xfs_quota."""
+    try:
+        used, hard = quota.usage(project_id)
+    except QuotaError as exc:
+        log.debug(f"cannot read the usage of {path}: {exc}")
         return None
+    if hard and used > hard:
+        return (
+            f"volume directory {path} holds {used} bytes, more than its size limit of {hard}"
+            " bytes: writes to it fail with 'Disk quota exceeded'; delete data in it or"
+            " expand the volume"
+        )
+    return None

@@ -16,6 +16,7 @@ from csi_driver.backends.hostpath.layout import Layout
 from csi_driver.backends.hostpath.store import Store
 from csi_driver.errors import Aborted, ResourceExhausted
 from csi_driver.locks import BlockingKeyLocks
+from csi_driver.model import Usage
 from csi_driver.system import fsinfo
 from csi_driver.system.loop import Loops
 from csi_driver.system.runner import Runner
@@ -63,8 +64,17 @@ class Root:
         never more than is free on the filesystem. Called under :attr:`alloc`."""
         with system_errors(f"read the free space of {self.path}"):
             room = fsinfo.usage(self.path)
-        budget = self._capacity if self._capacity is not None else room.total_bytes
-        return max(0, min(budget - self.store.allocated_bytes(), room.available_bytes))
+        return self.available_in(room, self.store.allocated_bytes())
+
+    def available_in(self, room: Usage, allocated: int) -> int:
+        """:meth:`available`'s rule, given the root filesystem's usage ``room`` and the bytes
+        ``allocated`` so far, both read already (the storage report reads them once)."""
+        return max(0, min(self.budget(room) - allocated, room.available_bytes))
+
+    def budget(self, room: Usage) -> int:
+        """The bytes volumes and snapshots may be promised in all: the configured capacity,
+        else the size of the root's filesystem (``room``: its usage)."""
+        return self._capacity if self._capacity is not None else room.total_bytes
 
     def reserve(self, size: int, what: str) -> None:
         """RESOURCE_EXHAUSTED unless ``size`` more bytes fit; called under :attr:`alloc`, with

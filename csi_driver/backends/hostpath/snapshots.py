@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from csi_driver import ids
+from csi_driver.backends.base import listed_after, local_range
 from csi_driver.backends.hostpath.layout import IMAGE_NAME, PRIVATE_DIR_MODE
 from csi_driver.backends.hostpath.root import Root
 from csi_driver.backends.hostpath.store import SnapshotRow, State
@@ -51,8 +51,12 @@ class Snapshots:
         row = self._store.snapshot(local) if local else None
         return self.to_snapshot(row) if row and row.state is State.READY else None
 
-    def all_ready(self) -> Sequence[Snapshot]:
-        return [self.to_snapshot(r) for r in self._store.snapshots(State.READY)]
+    def ready_after(self, after: str, limit: int) -> list[Snapshot]:
+        """Ready snapshots by :func:`listed_after`'s rule, a page at the cost of its own rows
+        (as :meth:`Volumes.ready_after`)."""
+        start, count = local_range(after, "s", limit)
+        rows = self._store.snapshots(State.READY, start=start, limit=count)
+        return listed_after((self.to_snapshot(r) for r in rows), lambda s: s.id, after, limit)
 
     def create(self, name: str, source_volume_id: str) -> Snapshot:
         """Snapshot the volume ``source_volume_id`` (its parameters already validated)."""
@@ -109,7 +113,7 @@ class Snapshots:
     def _build(self, row: SnapshotRow, data: Path) -> None:
         path = self._layout.snapshot(row.local_id)
         runner = self._root.runner
-        fsinfo.remove_tree(runner, path)
+        fsinfo.remove_tree(path)
         os.mkdir(path, PRIVATE_DIR_MODE)
         if row.access_type is AccessType.MOUNT:
             fsinfo.copy_tree(runner, data, path)
@@ -129,7 +133,7 @@ class Snapshots:
                 path = self._layout.snapshot(local)
                 if os.path.lexists(path):
                     with system_errors(f"remove {path}"):
-                        fsinfo.remove_tree(self._root.runner, path)
+                        fsinfo.remove_tree(path)
                 return
             if row.state is not State.DELETING:
                 self._store.set_snapshot_state(local, State.DELETING)
@@ -141,6 +145,6 @@ class Snapshots:
         """Remove the copy, then the row."""
         path = self._layout.snapshot(row.local_id)
         with system_errors(f"delete snapshot {row.local_id}"):
-            fsinfo.remove_tree(self._root.runner, path)
+            fsinfo.remove_tree(path)
             fsinfo.fsync_path(self._layout.snapshots_dir)
         self._store.delete_snapshot(row.local_id)

@@ -5,6 +5,15 @@ Every volume and snapshot is a row that moves through ``creating`` -> ``ready`` 
 storage it describes is touched, so after a kill at any point the database says what was
 under way and the backend can finish it (see ``backend.py``).
 
+Commits are grouped: SQLite writes a transaction to its write-ahead log without syncing it
+(``synchronous=NORMAL``), and the write that committed it returns only once an ``fsync`` of
+the log that began after the commit has ended (:class:`_GroupSync`). Writers that commit
+while one sync is running share the next one, so concurrent requests pay one sync between
+them instead of one each, and none returns before its change is on disk. (Under NORMAL
+SQLite itself syncs the log before every checkpoint and the database after it, so a
+checkpoint never loses what the log held.) A failed sync may have dropped written pages:
+from then on every write fails until the driver is restarted.
+
 Every lookup is by primary key or an index, so one operation costs the same with ten volumes
 or ten thousand. The bytes allocated to volumes and snapshots are kept in a one-row table by
 triggers, inside the same transaction as the change, so a capacity check does not add up
@@ -23,7 +32,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,12 +185,39 @@ def _snapshot(row: tuple[object, ...]) -> SnapshotRow:
     )
 
 
+def _in_local_order(state: State | None, start: str, limit: int) -> tuple[str, tuple[object, ...]]:
+    """The WHERE, ORDER BY and LIMIT of a listing in local-id order, with its arguments.
+
+    A page (a ``start`` or a ``limit``) walks the primary key from ``start`` and stops after
+    ``limit`` rows, so it costs its own rows whatever the table holds. ``+state`` is what keeps
+    it there: on ``state = ?`` SQLite prefers the state index, which reads every row of that
+    state and sorts them all before returning the first. Without a page, the state index is
+    the right plan (recovery reads the few ``creating`` or ``deleting`` rows that way).
+    """
+    paged = bool(start or limit)
+    where: list[str] = []
+    args: list[object] = []
+    if state is not None:
+        where.append("+state = ?" if paged else "state = ?")
+        args.append(state.value)
+    if start:
+        where.append("local_id >= ?")
+        args.append(start)
+    sql = (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY local_id"
+    if limit > 0:
+        sql += " LIMIT ?"
+        args.append(limit)
+    return sql, tuple(args)
+
+
 class Store:
     """Rows of volumes and snapshots. Open once per root; :meth:`close` releases it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        self._commits = 0  # write transactions committed, the tickets of _GroupSync
+        self._sync: _GroupSync | None = None  # none while the schema is set up (FULL)
         self._lock_fd = self._take_process_lock(path.with_name(path.name + ".lock"))
         #: True when this open created the database (an existing root with no database
         #: has lost its state: the backend must not take its storage for leftovers)
@@ -195,10 +231,27 @@ class Store:
             raise
         try:
             self._setup()
+            self._sync = _GroupSync(self._open_log(), lambda: self._commits)
+            self._db.execute("PRAGMA synchronous=NORMAL")
         except BaseException:
             self._db.close()
             os.close(self._lock_fd)
             raise
+
+    def _open_log(self) -> int:
+        """A descriptor of the write-ahead log, for :class:`_GroupSync` (the log exists while
+        the connection is open, and its entry in the directory is made durable here)."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            fd = os.open(wal, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            raise StoreError(f"cannot open the write-ahead log {wal}: {exc.strerror}") from exc
+        return fd
 
     @staticmethod
     def _take_process_lock(path: Path) -> int:
@@ -238,10 +291,22 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._sync is not None:
+                self._sync.close()
             os.close(self._lock_fd)
 
+    def make_durable(self) -> None:
+        """Return once every transaction committed so far is on disk."""
+        if self._sync is not None:
+            self._sync.wait(self._commits)
+
     @contextmanager
-    def _transaction(self) -> Iterator[_Cursor]:
+    def _transaction(self, *, durable: bool = True) -> Iterator[_Cursor]:
+        """One write transaction, on disk when the block is left (see the module's doc)
+        unless ``durable`` is false (then see :meth:`make_durable`)."""
+        sync = self._sync
+        if sync is not None:
+            sync.check()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -250,6 +315,10 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self._commits += 1
+            ticket = self._commits
+        if sync is not None and durable:
+            sync.wait(ticket)  # outside the lock: others commit meanwhile and share a sync
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         with self._lock:
@@ -264,20 +333,21 @@ class Store:
         rows = self._query(_SELECT_VOLUMES + " WHERE local_id = ?", (local_id,))
         return _volume(rows[0]) if rows else None
 
-    def volumes(self, state: State | None = None) -> list[VolumeRow]:
-        if state is None:
-            rows = self._query(_SELECT_VOLUMES + " ORDER BY local_id")
-        else:
-            rows = self._query(
-                _SELECT_VOLUMES + " WHERE state = ? ORDER BY local_id",
-                (state.value,),
-            )
-        return [_volume(r) for r in rows]
+    def volumes(
+        self, state: State | None = None, *, start: str = "", limit: int = 0
+    ) -> list[VolumeRow]:
+        """Rows in local-id order from ``start`` (inclusive), at most ``limit`` (0 = all)."""
+        where, args = _in_local_order(state, start, limit)
+        return [_volume(r) for r in self._query(_SELECT_VOLUMES + where, args)]
 
-    def insert_volume(self, row: VolumeRow, *, with_project_id: bool) -> VolumeRow:
+    def insert_volume(
+        self, row: VolumeRow, *, with_project_id: bool, durable: bool = True
+    ) -> VolumeRow:
         """Insert a new row; with ``with_project_id`` it gets a project id no other volume
-        has (one past the highest in use: an index lookup, not a scan)."""
-        with self._transaction() as cur:
+        has (one past the highest in use: an index lookup, not a scan). With ``durable``
+        false it returns once committed (seen by every later read), and the caller calls
+        :meth:`make_durable` before it acts on the row: outside a lock it holds, say."""
+        with self._transaction(durable=durable) as cur:
             project_id = None
             if with_project_id:
                 top = cur.execute("SELECT MAX(project_id) FROM volumes").fetchone()[0]
@@ -338,15 +408,12 @@ class Store:
         rows = self._query(_SELECT_SNAPSHOTS + " WHERE local_id = ?", (local_id,))
         return _snapshot(rows[0]) if rows else None
 
-    def snapshots(self, state: State | None = None) -> list[SnapshotRow]:
-        if state is None:
-            rows = self._query(_SELECT_SNAPSHOTS + " ORDER BY local_id")
-        else:
-            rows = self._query(
-                _SELECT_SNAPSHOTS + " WHERE state = ? ORDER BY local_id",
-                (state.value,),
-            )
-        return [_snapshot(r) for r in rows]
+    def snapshots(
+        self, state: State | None = None, *, start: str = "", limit: int = 0
+    ) -> list[SnapshotRow]:
+        """Rows in local-id order from ``start`` (inclusive), at most ``limit`` (0 = all)."""
+        where, args = _in_local_order(state, start, limit)
+        return [_snapshot(r) for r in self._query(_SELECT_SNAPSHOTS + where, args)]
 
     def insert_snapshot(self, row: SnapshotRow) -> None:
         with self._transaction() as cur:
@@ -378,6 +445,56 @@ class Store:
     def allocated_bytes(self) -> int:
         """Bytes promised to volumes and snapshots in any state."""
         return int(str(self._query("SELECT bytes FROM allocated WHERE id = 1")[0][0]))
+
+
+class _GroupSync:
+    """Group commit: makes commits durable with as few syncs of the log as can be.
+
+    A commit gets a ticket (the count of commits so far, taken as it ends); :meth:`wait`
+    returns once a sync that began after that commit has ended. One waiter at a time syncs,
+    covering every commit finished when it began; the others wait for it and then for the
+    next sync if theirs came too late for this one."""
+
+    def __init__(self, log_fd: int, committed: Callable[[], int]) -> None:
+        self._fd, self._committed = log_fd, committed
+        self._cond = threading.Condition(threading.Lock())
+        self._synced = 0  # every commit up to this ticket is on disk
+        self._syncing = False
+        self._failure: str | None = None
+
+    def check(self) -> None:
+        if self._failure is not None:
+            raise StoreError(self._failure)
+
+    def wait(self, ticket: int) -> None:
+        with self._cond:
+            while self._synced < ticket:
+                self.check()
+                if self._syncing:
+                    self._cond.wait()
+                    continue
+                self._syncing = True
+                covered = self._committed()  # each of these commits has been written
+                self._cond.release()
+                try:
+                    os.fsync(self._fd)
+                    error = None
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._syncing = False
+                    self._cond.notify_all()
+                if error is not None:
+                    self._failure = (
+                        f"syncing the state database failed ({error.strerror}); what it"
+                        " holds since may be lost: restart the driver"
+                    )
+                    self.check()
+                self._synced = max(self._synced, covered)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class _Cursor:

@@ -12,12 +12,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from csi_driver import bounded, ids
+from csi_driver import bounded, callmemo, ids
 from csi_driver.backends import mutable
+from csi_driver.backends.base import listed_after, local_range
 from csi_driver.backends.hostpath.layout import (
     IMAGE_MODE,
     IMAGE_NAME,
@@ -49,6 +50,11 @@ log = logging.getLogger(__name__)
 SIZE_ENFORCED_KEY = "hostpath.nodelocal.csi.dev/size-enforced"
 
 
+#: the call memo's key for the rows this call listed (read-only calls: ListVolumes); a
+#: condition of one of them needs no second read of its row
+_LISTED = "hostpath.listed-volume-rows"
+
+
 @dataclass(frozen=True)
 class _Source:
     """A validated content source: where its data is and what it is."""
@@ -65,6 +71,13 @@ def undo(action: Callable[[], None], what: str) -> None:
         log.exception(
             f"cannot roll back the failed creation of {what}; a retry or a restart cleans it up"
         )
+
+
+#: what a condition adds when a volume's storage is gone
+_GONE = (
+    ": it was removed outside the driver and its data is lost unless restored from a backup;"
+    " delete the volume"
+)
 
 
 class Volumes:
@@ -100,8 +113,15 @@ class Volumes:
         row = self._store.volume(local) if local else None
         return self.to_volume(row) if row and row.state is State.READY else None
 
-    def all_ready(self) -> Sequence[Volume]:
-        return [self.to_volume(r) for r in self._store.volumes(State.READY)]
+    def ready_after(self, after: str, limit: int) -> list[Volume]:
+        """Ready volumes by :func:`listed_after`'s rule, read along the primary key: a page
+        converts its own rows and at most one more (the one at the bound), not every row."""
+        start, count = local_range(after, "v", limit)
+        rows = self._store.volumes(State.READY, start=start, limit=count)
+        memo = callmemo.current()
+        if memo is not None:  # ListVolumes asks each listed volume's condition next
+            memo[_LISTED] = {r.local_id: r for r in rows}
+        return listed_after((self.to_volume(r) for r in rows), lambda v: v.id, after, limit)
 
     def ready(self, volume_id: str) -> VolumeRow:
         local = self._root.local(volume_id, "v")
@@ -111,20 +131,27 @@ class Volumes:
         return row
 
     def condition(self, volume_id: str) -> VolumeCondition:
-        row = self.ready(volume_id)
+        memo = callmemo.current()
+        listed = memo.get(_LISTED) if memo is not None else None
+        local = self._root.local(volume_id, "v") if listed else None
+        row = listed.get(local) if listed and local else None
+        if row is None:
+            row = self.ready(volume_id)
         path = self._layout.volume(row.local_id)
         if row.access_type is AccessType.MOUNT:
             if not is_real_dir(path):
-                return VolumeCondition(True, f"backing directory {path} is missing")
+                return VolumeCondition(True, f"backing directory {path} is missing{_GONE}")
             problem = self._limits.problem(path, row)
             return VolumeCondition(True, problem) if problem else VolumeCondition.healthy()
         image = self._layout.image(row.local_id)
         if image is None:
-            return VolumeCondition(True, f"backing image {path / IMAGE_NAME} is missing")
+            return VolumeCondition(True, f"backing image {path / IMAGE_NAME} is missing{_GONE}")
         size = os.lstat(image).st_size
         if size < row.capacity_bytes:
             return VolumeCondition(
-                True, f"backing image {image} has {size} bytes, less than {row.capacity_bytes}"
+                True,
+                f"backing image {image} has {size} bytes, less than {row.capacity_bytes}: it was"
+                " truncated outside the driver; expand the volume or restore the image",
             )
         return VolumeCondition.healthy()
 
@@ -172,8 +199,10 @@ class Volumes:
             with self._root.alloc:
                 self._root.reserve(wanted.capacity_bytes, f"volume {spec.name!r}")
                 row = self._store.insert_volume(
-                    wanted, with_project_id=wanted.access_type is AccessType.MOUNT
+                    wanted, with_project_id=wanted.access_type is AccessType.MOUNT, durable=False
                 )
+            # the row on disk before the storage is touched; other creates need not wait
+            self._store.make_durable()
             try:
                 with system_errors(f"create volume {spec.name!r}"):
                     self.build(row, source)
@@ -181,8 +210,7 @@ class Volumes:
                 undo(lambda: self.finish_delete(row), f"volume {spec.name!r}")
                 raise
             self._store.set_volume_state(row.local_id, State.READY)
-            ready = self._store.volume(row.local_id)
-            assert ready is not None
+            ready = replace(row, state=State.READY)  # the row as stored (held under its lock)
             log.info(
                 "created volume",
                 extra={"volume_id": self._root.id_of(row.local_id), "bytes": row.capacity_bytes},
@@ -225,7 +253,7 @@ class Volumes:
         path = self._layout.volume(row.local_id)
         runner = self._root.runner
         # Leftovers of an earlier attempt were never handed out: start from nothing.
-        fsinfo.remove_tree(runner, path)
+        fsinfo.remove_tree(path)
         os.mkdir(path, PRIVATE_DIR_MODE)
         if row.access_type is AccessType.MOUNT:
             os.chmod(path, VOLUME_DIR_MODE)
@@ -307,7 +335,7 @@ class Volumes:
                 self._root.loops.detach_all(image)
             if row.parameters.get(mutable.WIPE_ON_DELETE) == "true" and is_real_dir(path):
                 extents.wipe(path, stop)
-            fsinfo.remove_tree(self._root.runner, path)
+            fsinfo.remove_tree(path)
             self._limits.clear(row)
             fsinfo.fsync_path(self._layout.volumes_dir)
         self._store.delete_volume(row.local_id)
@@ -318,7 +346,7 @@ class Volumes:
             image = self._layout.data(path, AccessType.BLOCK)
             if image is not None:
                 self._root.loops.detach_all(image)
-            fsinfo.remove_tree(self._root.runner, path)
+            fsinfo.remove_tree(path)
 
     # --- changing ----------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ This module is the facade that wires the parts, each in its own module: the lvm2
 their reports (lvm2.py), the metadata in LV tags (tags.py), the StorageClass parameters
 (parameters.py), the report read as this driver's volumes and snapshots and what the parts
 share (inventory.py: locks, device classes, ids), the room a class has (capacity.py), the
-volumes (volumes.py), the snapshots (snapshots.py) and the node side (attachments.py).
+volumes (volumes.py), the snapshots (snapshots.py), the node side (attachments.py) and the
+storage report of the metrics (report.py).
 
 The volume group is the only record: an LV named after the volume's local id (``v`` and 32 hex
 digits, from the CSI name) carries its metadata in tags (tags.py), written by the same lvcreate
@@ -40,19 +41,23 @@ import time
 from collections.abc import Mapping, Sequence
 
 from csi_driver.backends import mutable
+from csi_driver.backends.base import listed_after
 from csi_driver.backends.lvm import capacity
 from csi_driver.backends.lvm.attachments import Attachments
 from csi_driver.backends.lvm.inventory import Inventory
 from csi_driver.backends.lvm.lvm2 import Lvm2
 from csi_driver.backends.lvm.parameters import FS_TYPES, PARAMETERS, check_known, normalise
+from csi_driver.backends.lvm.report import storage_report
 from csi_driver.backends.lvm.snapshots import Snapshots
 from csi_driver.backends.lvm.volumes import Volumes
+from csi_driver.config import DEFAULT_THIN_POOL_THRESHOLD
 from csi_driver.config.device_classes import DeviceClass
 from csi_driver.errors import CsiError, InvalidArgument
 from csi_driver.model import (
     Attachment,
     Parameters,
     Snapshot,
+    StorageReport,
     Volume,
     VolumeCondition,
     VolumeSpec,
@@ -82,11 +87,12 @@ class LvmBackend:
         *,
         udev_sync: bool = True,
         mountinfo: str = MOUNTINFO,
+        thin_pool_threshold: float = DEFAULT_THIN_POOL_THRESHOLD,
     ) -> None:
         self._inv = inv = Inventory(
             classes, node_id, runner, Lvm2(runner, udev_sync=udev_sync), mountinfo
         )
-        self._volumes = Volumes(inv)
+        self._volumes = Volumes(inv, thin_pool_threshold)
         self._snapshots = Snapshots(inv)
         self._attachments = Attachments(inv)
         self._health: tuple[float, str | None] = (0.0, None)
@@ -138,13 +144,18 @@ class LvmBackend:
         vg = self._inv.report().get(cls.volume_group)
         return 0 if vg is None else capacity.available(vg, cls, parameters, self._inv.extent(cls))
 
+    def storage_report(self, max_volumes: int) -> StorageReport:
+        return storage_report(self._inv, max_volumes)
+
     # --- volumes -----------------------------------------------------------------------------
 
     def get_volume(self, volume_id: str) -> Volume | None:
         return self._volumes.get(volume_id)
 
-    def list_volumes(self) -> Sequence[Volume]:
-        return self._volumes.all_ready()
+    def list_volumes(self, after: str = "", limit: int = 0) -> Sequence[Volume]:
+        """One lvm2 report lists every LV, so each page costs as much as the whole listing;
+        the page is cut from it here, by the same rule the other backends follow."""
+        return listed_after(self._volumes.all_ready(), lambda v: v.id, after, limit)
 
     def create_volume(self, spec: VolumeSpec) -> Volume:
         return self._volumes.create(spec)
@@ -169,8 +180,9 @@ class LvmBackend:
     def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
         return self._snapshots.get(snapshot_id)
 
-    def list_snapshots(self) -> Sequence[Snapshot]:
-        return self._snapshots.all()
+    def list_snapshots(self, after: str = "", limit: int = 0) -> Sequence[Snapshot]:
+        """Cut from one report of every LV, as :meth:`list_volumes` is."""
+        return listed_after(self._snapshots.all(), lambda s: s.id, after, limit)
 
     def create_snapshot(
         self, name: str, source_volume_id: str, parameters: Mapping[str, str]

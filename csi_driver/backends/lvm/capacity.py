@@ -31,17 +31,20 @@ def _legs(parameters: Mapping[str, str]) -> int:
     return int(parameters.get("mirrors", "0")) + 1 if parameters["lvType"] == "raid1" else 1
 
 
+def promised(vg: VolumeGroup, cls: DeviceClass) -> int:
+    """Bytes the thin volumes of the class's pool (snapshots, and LVs not this driver's, too)
+    may come to take: what over-provisioning is counted against."""
+    return sum(lv.size_bytes for lv in vg.lvs.values() if lv.is_thin and lv.pool == cls.thin_pool)
+
+
 def available(vg: VolumeGroup, cls: DeviceClass, p: Mapping[str, str], extent: int) -> int:
     """Bytes a new volume with parameters ``p`` may still get in this class."""
     if p["lvType"] == "thin":
         pool = vg.lvs.get(cls.thin_pool)
         if pool is None or not pool.is_thin_pool:
             return 0
-        promised = sum(
-            lv.size_bytes for lv in vg.lvs.values() if lv.is_thin and lv.pool == cls.thin_pool
-        )
         budget = int((pool.size_bytes - cls.reserved_bytes) * cls.overprovision_ratio)
-        return max(0, budget - promised)
+        return max(0, budget - promised(vg, cls))
     free = vg.free_bytes - cls.reserved_bytes
     legs = _legs(p)
     if legs > 1:

@@ -40,6 +40,7 @@ _LV_FIELDS = (
     "lv_path",
     "lv_dm_path",
     "data_percent",
+    "metadata_percent",
     "lv_health_status",
 )
 
@@ -62,6 +63,8 @@ class LogicalVolume:
     dm_path: str
     data_percent: float | None
     health: str
+    #: a thin pool's metadata use in percent (None for other LVs)
+    metadata_percent: float | None = None
 
     @property
     def is_thin_pool(self) -> bool:
@@ -135,6 +138,7 @@ def parse_fullreport(text: str) -> dict[str, VolumeGroup]:
                     dm_path=lv.get("lv_dm_path", ""),
                     data_percent=_percent(lv.get("data_percent", "")),
                     health=lv.get("lv_health_status", ""),
+                    metadata_percent=_percent(lv.get("metadata_percent", "")),
                 )
             groups[name] = VolumeGroup(
                 name=name,

@@ -53,9 +53,10 @@ def _new_lv(vg: str, name: str, size: int) -> LogicalVolume:
 class Volumes:
     """The volumes in the VGs of the device classes."""
 
-    def __init__(self, inventory: Inventory) -> None:
+    def __init__(self, inventory: Inventory, thin_pool_threshold: float) -> None:
         self._inv = inventory
         self._lvm = inventory.lvm
+        self._threshold = thin_pool_threshold
 
     def get(self, volume_id: str) -> Volume | None:
         """The volume, or None; a clone still being made is not a volume yet (CreateVolume's
@@ -288,23 +289,60 @@ class Volumes:
                 self._lvm.change_tags(lv.vg, lv.name, remove=[tag])
 
     def condition(self, volume_id: str) -> VolumeCondition:
+        """The one rule for the condition of an LV, on the node (NodeGetVolumeStats) and in
+        the controller's listings alike; one report, shared through the call memo."""
         groups = self._inv.report()
         local = self._inv.local(volume_id, "v")
         found = self._inv.find(groups, local) if local else None
         if found is None:
-            return VolumeCondition(True, f"logical volume of {volume_id!r} is missing")
+            return VolumeCondition(
+                True,
+                f"logical volume {local or volume_id} is missing from volume group(s)"
+                f" {bounded.listing(self._inv.vgs)}: it was removed or renamed outside the driver;"
+                " restore it (vgcfgrestore from /etc/lvm/archive) or delete the volume",
+            )
         lv, _ = found
         where = f"logical volume {lv.vg}/{lv.name}"
         if not lv.active:
-            return VolumeCondition(True, f"{where} is not active")
+            return VolumeCondition(
+                True,
+                f"{where} is inactive (deactivated outside the driver); activate it with"
+                f" 'lvchange -ay {lv.vg}/{lv.name}' or stage the volume again",
+            )
         if lv.health:
-            return VolumeCondition(True, f"lvm2 reports {where} as {lv.health!r}")
-        if lv.is_thin:
-            pool = groups[lv.vg].lvs.get(lv.pool)
-            if pool is not None and (pool.data_percent or 0) >= 100:
-                return VolumeCondition(
-                    True, f"thin pool {lv.vg}/{lv.pool} of {where} is full; writes fail"
-                )
+            return VolumeCondition(
+                True, f"lvm2 reports {where} as {lv.health!r}; see 'lvs -a {lv.vg}' and lvmraid(7)"
+            )
+        pool = groups[lv.vg].lvs.get(lv.pool) if lv.is_thin else None
+        problem = pool_problem(pool, self._threshold) if pool is not None else None
+        if problem:
+            return VolumeCondition(True, f"{problem} ({where} is in it)")
         if not os.path.exists(device_node(lv)):
-            return VolumeCondition(True, f"the device node of {where} is missing")
+            return VolumeCondition(
+                True,
+                f"the device node of {where} is missing; run 'udevadm trigger' or"
+                f" 'vgmknodes {lv.vg}'",
+            )
         return VolumeCondition.healthy()
+
+
+def pool_problem(pool: LogicalVolume, threshold: float) -> str | None:
+    """What is wrong with a thin pool's room, if anything: full (data or metadata at 100%:
+    writes to its volumes fail or the pool turns read-only) or at or above ``threshold``
+    percent. Both measures, because a pool runs out of either."""
+    name = f"{pool.vg}/{pool.name}"
+    used = {"data": pool.data_percent or 0.0, "metadata": pool.metadata_percent or 0.0}
+    part, percent = max(used.items(), key=lambda item: item[1])
+    grow = "--poolmetadatasize" if part == "metadata" else "-L"
+    if percent >= 100:
+        return (
+            f"thin pool {name} is full ({part} {percent:.1f}%): writes to its volumes fail;"
+            f" extend it ('lvextend {grow} +SIZE {name}') or free space in its volumes (fstrim)"
+        )
+    if percent >= threshold:
+        return (
+            f"thin pool {name} is {percent:.1f}% full ({part}), at or above the"
+            f" {threshold:g}% threshold; extend it ('lvextend {grow} +SIZE {name}') before"
+            " writes to its volumes fail"
+        )
+    return None
