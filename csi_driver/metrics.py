@@ -47,7 +47,8 @@ class Metrics:
     """The driver's metrics. One instance, passed to whoever records."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        # auto_describe: the process collector has no describe(), and `name[]` must find it too
+        self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         self.rpc_total = Counter(
             "csi_driver_rpc_total",
@@ -240,7 +241,11 @@ class MetricsServer:
         if path == b"/metrics":
             names = _requested_names(query)
             if names is None:
-                return 400, f"bad query: at most {MAX_NAMES} name[] parameters\n", "text/plain"
+                return (
+                    400,
+                    f"bad query: ASCII, at most {MAX_NAMES} name[] parameters\n",
+                    "text/plain",
+                )
             body = await asyncio.get_running_loop().run_in_executor(
                 self._render_pool, self._metrics.render, names
             )

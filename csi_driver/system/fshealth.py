@@ -42,7 +42,8 @@ def fault(mount: MountInfo, sysfs: str = SYSFS) -> str | None:
     if stopped(mount):
         return (
             f"{where} is read-only although it was mounted read-write: the kernel stops writes"
-            " to a filesystem after an I/O or metadata error (see the kernel log)"
+            " to a filesystem after an I/O or metadata error (see the kernel log), or it was"
+            " remounted read-only outside the driver"
         )
     if mount.fs_type == "ext4":
         errors = ext4_error_count(mount.major, mount.minor, sysfs)

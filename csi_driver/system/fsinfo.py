@@ -21,7 +21,7 @@ from pathlib import Path
 
 from csi_driver.model import Usage
 from csi_driver.system.confined import mount_id
-from csi_driver.system.failure import SystemFailure
+from csi_driver.system.failure import Reason, SystemFailure
 from csi_driver.system.mounter import MOUNTINFO, MountInfo, covering, read_mountinfo
 from csi_driver.system.runner import Runner
 
@@ -173,6 +173,7 @@ class _Removal:
         self.names: list[str] = []  # the way from the top, for messages
         self.errors: list[str] = []
         self.failures = 0
+        self.mounts = 0  # mounts found inside and left alone
 
     def where(self, name: str = "") -> str:
         return "/".join([str(self.path), *self.names, *([name] if name else [])])
@@ -192,7 +193,8 @@ class _Removal:
                 child = self.enter(name)
                 if child is not None:
                     os.close(self.fd)
-                    self.fd, st = child, os.fstat(child)
+                    self.fd = child
+                    st = os.fstat(child)
                     self.names.append(name)
                     levels.append(_Level(name, (st.st_dev, st.st_ino), self.clear_files()))
                 continue
@@ -230,6 +232,7 @@ class _Removal:
             return None
         if os.fstat(fd).st_dev != self.dev or mount_id(fd) != self.mnt:
             os.close(fd)
+            self.mounts += 1
             self.fail(f"skipping {self.where(name)}: a mount point (another filesystem or mount)")
             return None
         return fd
@@ -275,6 +278,8 @@ def remove_tree(path: Path) -> None:
 
 def _remove_from(parent: int, path: Path) -> None:
     name = path.name
+    if name in ("", ".", "..") or path.name != os.path.basename(os.path.normpath(path)):
+        raise ValueError(f"not a path to remove: {path}")
     try:
         st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         if not stat.S_ISDIR(st.st_mode):
@@ -288,7 +293,9 @@ def _remove_from(parent: int, path: Path) -> None:
     removal = _Removal(path, top, os.fstat(parent).st_dev, mount_id(parent))
     try:
         if os.fstat(top).st_dev != removal.dev or mount_id(top) != removal.mnt:
-            raise TreeNotRemoved(f"{path} is a mount point; refusing to remove it")
+            raise TreeNotRemoved(
+                f"{path} is a mount point; refusing to remove it", reason=Reason.IN_USE
+            )
         removal.run()
     except OSError as exc:
         raise TreeNotRemoved(f"cannot remove {removal.where()}: {exc.strerror}") from exc
@@ -304,5 +311,7 @@ def _remove_from(parent: int, path: Path) -> None:
     if removal.failures:
         more = removal.failures - len(removal.errors)
         raise TreeNotRemoved(
-            "; ".join(removal.errors) + (f"; and {more} more failures" if more > 0 else "")
+            "; ".join(removal.errors) + (f"; and {more} more failures" if more > 0 else ""),
+            # something is mounted inside: in use, not a failure of the host
+            reason=Reason.IN_USE if removal.mounts else None,
         )

@@ -43,16 +43,22 @@ class LoopDevice:
     autoclear: bool
 
 
+#: what sysfs appends to the backing file of a device whose file was deleted
+DELETED_SUFFIX = " (deleted)"
+
 #: what says that a path names no file, as ``Path.exists`` reads it
 _ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
 
 
 def associated(devices: list[loopinfo.BoundLoop], st: os.stat_result) -> list[LoopDevice]:
-    """The devices among ``devices`` whose backing file is the file ``st`` describes."""
+    """The devices among ``devices`` whose backing file is the file ``st`` describes. A
+    device whose backing file was deleted (sysfs says `` (deleted)``) backs no file that has a
+    name: when the filesystem has given the freed inode number to a new image since, it must
+    not be taken for that image's device."""
     return [
         LoopDevice(d.name, d.backing_file, d.status.autoclear)
         for d in devices
-        if d.status.backs(st)
+        if d.status.backs(st) and not d.backing_file.endswith(DELETED_SUFFIX)
     ]
 
 

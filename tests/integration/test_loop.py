@@ -141,7 +141,9 @@ def test_an_unlinked_image_is_not_the_new_file_at_its_path(files: LoopFiles) -> 
     image.unlink()
     assert in_process(image) == []
     files.image("disk.img")
-    assert same(image) == []
+    # losetup would match the device, too, if the filesystem gave the new file the freed inode
+    # number; the driver never takes a device whose backing file was deleted
+    assert in_process(image) == []
     assert [d for d, b in loops_under(str(files.workdir)) if b == str(image)] == [device]
 
 

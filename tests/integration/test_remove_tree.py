@@ -4,9 +4,9 @@ What ``rm -r -f --one-file-system --preserve-root=all`` promised is kept: everyt
 removed, symlinks are removed and never followed, and nothing mounted inside is entered (a
 bind mount of the same filesystem included, which ``st_dev`` alone would not tell): the
 removal fails, naming the mount, and what is mounted there survives. Through the backend the
-failure is DeleteVolume's INTERNAL error, the volume stays ``deleting`` and the retry after
-the unmount finishes it. Every mount is undone in a ``finally``; the ``workdir`` fixture fails
-a test that leaves one.
+failure is DeleteVolume's FAILED_PRECONDITION (in use), the volume stays ``deleting`` and the
+retry after the unmount finishes it. Every mount is undone in a ``finally``; the ``workdir``
+fixture fails a test that leaves one.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_delete_volume_fails_on_a_mount_inside_and_its_retry_finishes(
             # removal meets it
             with pytest.raises(CsiError) as failure:
                 backend.delete_volume(volume.id)
-            assert failure.value.code is grpc.StatusCode.INTERNAL
+            assert failure.value.code is grpc.StatusCode.FAILED_PRECONDITION
             assert f"cannot delete volume {local}" in failure.value.message
             assert "a mount point" in failure.value.message
             assert (point / "kept").read_text() == "outside data"

@@ -271,6 +271,9 @@ def test_a_failed_sync_fails_every_later_write(
         with pytest.raises(StoreError, match="restart the driver"):
             store.insert_volume(volume_row("v" + "3" * 32), with_project_id=False)
         assert store.volume("v" + "3" * 32) is None
+        # and the health check (Probe, /healthz) says so, so that the driver gets restarted
+        with pytest.raises(StoreError, match="restart the driver"):
+            store.ping()
     finally:
         store.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import cast
 import grpc
 import pytest
 
-from csi_driver import ids
+from csi_driver import callmemo, ids
 from csi_driver.backends.base import listed_after
 from csi_driver.backends.hostpath.backend import HostPathBackend
 from csi_driver.backends.hostpath.layout import Layout
@@ -195,3 +196,21 @@ def test_a_page_reads_its_own_rows_not_every_row(
             assert sql.endswith(" LIMIT ?") and args[-1] in (6, 7), sql
     finally:
         db.close()
+
+
+def test_a_volume_deleted_after_its_listing_is_not_reported_broken(
+    ctl: ControllerServicer, backend: HostPathBackend
+) -> None:
+    """Within one call the conditions of listed volumes come from the rows the listing read;
+    one deleted meanwhile (its directory gone with it) must not read as 'missing'."""
+    kept, gone = create(ctl, "pvc-kept"), create(ctl, "pvc-gone")
+    with callmemo.call():
+        assert {v.id for v in backend.list_volumes("", 10)} == {kept, gone}
+        delete(ctl, gone)
+        assert not backend.volume_condition(gone).abnormal
+        assert not backend.volume_condition(kept).abnormal
+        # a volume really broken behind the driver's back still is, listed or not
+        parsed = ids.parse(kept, "v")
+        assert parsed is not None
+        shutil.rmtree(backend.root / "volumes" / parsed.local)
+        assert "is missing" in backend.volume_condition(kept).message

@@ -29,19 +29,20 @@ def storage_report(root: Root, enforced: bool, max_volumes: int) -> StorageRepor
     with system_errors(f"read the free space of {root.path}"):
         room = fsinfo.usage(root.path)
     allocated = root.store.allocated_bytes()
-    rows = root.store.volumes(State.READY)
+    # every row only when there are per-volume usages to read (enforced quotas)
+    rows = root.store.volumes(State.READY) if enforced else []
     capacity = ClassCapacity(
         device_class=DEVICE_CLASS,
         size_bytes=root.budget(room),
         free_bytes=room.available_bytes,
         allocated_bytes=allocated,
         available_bytes=root.available_in(room, allocated),
-        volumes=len(rows),
-        snapshots=len(root.store.snapshots(State.READY)),
+        volumes=root.store.count_volumes(State.READY),
+        snapshots=root.store.count_snapshots(State.READY),
     )
     stats: list[VolumeStat] = []
     skipped = 0
-    for row in rows if enforced else ():
+    for row in rows:
         if row.access_type is not AccessType.MOUNT:
             continue
         if len(stats) >= max_volumes:

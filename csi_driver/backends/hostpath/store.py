@@ -325,7 +325,20 @@ class Store:
             return list(self._db.execute(sql, args).fetchall())
 
     def ping(self) -> None:
+        """The database answers, and no sync of its log has failed (after one, every write
+        fails: the driver must be restarted, so its health says so)."""
+        if self._sync is not None:
+            self._sync.check()
         self._query("SELECT 1")
+
+    def count_volumes(self, state: State) -> int:
+        """Volume rows in ``state``, from the state index (no row read)."""
+        rows = self._query("SELECT COUNT(*) FROM volumes WHERE state = ?", (state.value,))
+        return int(str(rows[0][0]))
+
+    def count_snapshots(self, state: State) -> int:
+        rows = self._query("SELECT COUNT(*) FROM snapshots WHERE state = ?", (state.value,))
+        return int(str(rows[0][0]))
 
     # --- volumes ---------------------------------------------------------------------------
 

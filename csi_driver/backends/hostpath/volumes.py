@@ -131,12 +131,24 @@ class Volumes:
         return row
 
     def condition(self, volume_id: str) -> VolumeCondition:
+        """The volume's storage as it is now. In a listing, from the row the listing read; an
+        abnormal answer is checked again against the row as it is now, so that a volume deleted
+        (or expanded) since the listing is not reported as broken."""
         memo = callmemo.current()
         listed = memo.get(_LISTED) if memo is not None else None
         local = self._root.local(volume_id, "v") if listed else None
         row = listed.get(local) if listed and local else None
         if row is None:
-            row = self.ready(volume_id)
+            return self._condition_of(self.ready(volume_id))
+        condition = self._condition_of(row)
+        if not condition.abnormal:
+            return condition
+        current = self._store.volume(row.local_id)
+        if current is None or current.state is not State.READY:
+            return VolumeCondition.healthy()  # deleted since it was listed: nothing broke
+        return self._condition_of(current)
+
+    def _condition_of(self, row: VolumeRow) -> VolumeCondition:
         path = self._layout.volume(row.local_id)
         if row.access_type is AccessType.MOUNT:
             if not is_real_dir(path):
