@@ -22,7 +22,7 @@ vm:
 e2e:
 	scripts/install-python.sh && scripts/test-e2e.sh
 
-VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' csi_driver/__init__.py)
+VERSION := $(shell scripts/version.sh)
 
 image:  ## the driver image built from the Dockerfile without Docker (buildah), as an OCI archive
 	scripts/build-image.sh --out dist/csi-driver-$(VERSION).oci.tar

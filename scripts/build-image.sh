@@ -56,8 +56,7 @@ base_recipe="$BASE_SUITE $BASE_PACKAGES ${BASE_SOURCES[*]} ${BASE_ENV[*]} pep668
 base_key=$(printf '%s' "$base_recipe" | sha256sum | cut -c1-16)
 base_tar=$IMAGE_DIR/base-$base_key.tar
 
-version=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
-    "$context/pyproject.toml")
+version=$("$ROOT/scripts/version.sh" "$context")
 ref=localhost/nodelocal-csi/csi-driver:$version
 key=$({
     python3 "$ROOT/scripts/build_context.py" "$context"
