@@ -8,13 +8,18 @@ the driver exactly as the tests do.
 
 from __future__ import annotations
 
+import datetime
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from testkit.driver_process import CommandCounts, Csi, clean_up_host, free_port
 from testkit.driver_process import DriverProcess as _DriverProcess
 
 Stubs = Csi
+RESULTS = Path(__file__).resolve().parent / "results"
 
 __all__ = [
     "CommandCounts",
@@ -23,6 +28,7 @@ __all__ = [
     "clean_up_host",
     "diff_counts",
     "render_table",
+    "write_results",
 ]
 
 
@@ -37,6 +43,25 @@ def render_table(lines: Sequence[Sequence[str]]) -> str:
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def write_results(results: dict[str, Any], out: str | None, prefix: str) -> None:
+    """``results`` as JSON to ``out``: "-" for nowhere, None for
+    benchmarks/results/<prefix><date>.json (never overwriting an earlier run of the day)."""
+    if out == "-":
+        return
+    path = Path(out) if out else unused_path(RESULTS / f"{prefix}{datetime.date.today()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results written to {path}")
+
+
+def unused_path(path: Path) -> Path:
+    for n in range(1, 1000):
+        candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise RuntimeError(f"too many result files like {path}")
 
 
 def diff_counts(after: CommandCounts, before: CommandCounts) -> CommandCounts:

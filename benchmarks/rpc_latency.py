@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -44,6 +43,7 @@ from benchmarks.harness import (
     clean_up_host,
     diff_counts,
     render_table,
+    write_results,
 )
 from csi_driver import __version__
 from csi_driver.proto import csi_pb2
@@ -461,14 +461,6 @@ def _claims(rows: Sequence[dict[str, Any]], args: argparse.Namespace) -> dict[st
     return out
 
 
-def unused_path(path: Path) -> Path:
-    for n in range(1, 1000):
-        candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
-        if not candidate.exists():
-            return candidate
-    raise RuntimeError(f"too many result files like {path}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args)
@@ -480,17 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in results["claims"].items():
         print(f"{key}: {value}")
     print(f"total {results['total_seconds']} s")
-    if str(args.out) != "-":
-        out = args.out or (
-            Path(__file__).resolve().parent
-            / "results"
-            / f"{datetime.date.today().isoformat()}.json"
-        )
-        if args.out is None:
-            out = unused_path(out)  # never overwrite an earlier run of the same day
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"results written to {out}")
+    write_results(results, None if args.out is None else str(args.out), "")
     return 0
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -47,8 +46,8 @@ from typing import Any
 
 import grpc
 
-from benchmarks.harness import DriverProcess, clean_up_host, render_table
-from benchmarks.rpc_latency import create_request, mount_cap, percentile, unused_path
+from benchmarks.harness import DriverProcess, clean_up_host, render_table, write_results
+from benchmarks.rpc_latency import create_request, mount_cap, percentile
 from csi_driver import __version__
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 
@@ -659,19 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs; load average {load_start[0]:.2f} at start,"
         f" {load_end[0]:.2f} at end; {results['total_seconds']} s"
     )
-    if args.out != "-":
-        out = (
-            Path(args.out)
-            if args.out
-            else unused_path(
-                Path(__file__).resolve().parent
-                / "results"
-                / f"versus-{datetime.date.today().isoformat()}.json"
-            )
-        )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"results written to {out}")
+    write_results(results, args.out, "versus-")
     return 0
 
 

@@ -33,11 +33,9 @@ from tests.chart.chartlib import (
     parse,
     pod_spec,
     render_text,
-    run,
-    set_args,
 )
 from tests.chart.promql import names
-from tests.chart.test_validate import helm_lint_strict
+from tests.chart.test_validate import assert_schema_rejects, helm_lint_strict
 
 OPERATOR_KINDS = ("PodMonitor", "PrometheusRule")
 POD_MONITOR_API = "monitoring.coreos.com/v1/PodMonitor"
@@ -468,10 +466,7 @@ def test_alert_thresholds_come_from_values(chart_tools: ChartTools) -> None:
 def test_values_schema_checks_monitoring_values(
     chart_tools: ChartTools, values: dict[str, Any], message: str
 ) -> None:
-    proc = run([chart_tools.helm, "template", "x", CHART, *set_args(values)])
-    assert proc.returncode != 0
-    assert "schema" in proc.stderr.lower()
-    assert message in proc.stderr
+    assert_schema_rejects(chart_tools, values, message)
 
 
 # --- volume health ---------------------------------------------------------------------------

@@ -82,6 +82,11 @@ def test_kubeconform_rejects_broken_objects(
 def test_values_schema_rejects_bad_values(
     chart_tools: ChartTools, values: dict[str, Any], message: str
 ) -> None:
+    assert_schema_rejects(chart_tools, values, message)
+
+
+def assert_schema_rejects(chart_tools: ChartTools, values: dict[str, Any], message: str) -> None:
+    """helm refuses the values by the chart's schema, naming ``message``."""
     proc = run([chart_tools.helm, "template", "x", CHART, *set_args(values)])
     assert proc.returncode != 0
     assert "schema" in proc.stderr.lower()
