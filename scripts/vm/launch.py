@@ -41,11 +41,12 @@ from testkit.vm import (
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 DISK_BYTES = 2 * 1024**3
-#: two PVs of the lane's VG, a spare (XFS for the quota tests), one VG for a second csi-sanity
-DISKS = 4
+#: two PVs of the lane's VG (pytest), a spare (XFS and ext4 for the quota tests), and one VG
+#: for each of the two csi-sanity runs, which go beside pytest
+DISKS = 5
 # The code under test, copied at launch and bind-mounted over the checkout in the guest: the
 # guest caches the host's files, so one edited on the host mid-run would turn into ESTALE.
-SNAPSHOT = ("csi_driver", "testkit", "tests")
+SNAPSHOT = ("csi_driver", "testkit", "tests", "charts")
 
 
 class Interrupted(Exception):
@@ -86,6 +87,8 @@ def build_command(
         args.sanity_backends,
         "--sanity-min-passed",
         str(args.sanity_min_passed),
+        "--tools-bin",
+        args.tools_bin,
     ]
     if args.extra:
         guest += ["--", *args.extra]
@@ -235,6 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kernel", default=os.environ.get("CSI_VM_KERNEL", ""))
     cache = os.environ.get("CSI_CACHE_DIR", str(Path.home() / ".cache/nodelocal-csi"))
     parser.add_argument("--virtiofsd", default=f"{cache}/bin/virtiofsd")
+    parser.add_argument(
+        "--tools-bin",
+        default=f"{cache}/bin",
+        help="helm and prometheus for the tests (scripts/install-chart-tools.sh)",
+    )
     parser.add_argument("--only", choices=("all", "setup", "pytest", "sanity"), default="all")
     parser.add_argument("--memory", default=os.environ.get("CSI_VM_MEMORY", "3G"))
     parser.add_argument("--cpus", type=int, default=int(os.environ.get("CSI_VM_CPUS", "2")))
