@@ -5,6 +5,9 @@
 #     (tests/chart/openapi2schema.py) from the OpenAPI document inside the k8s.io/kubernetes module
 #     and the snapshot CRDs inside the external-snapshotter client module, into
 #     <cache>/kubeconform-schemas/v<version>-standalone-strict/.
+#   - prometheus and promtool, taken out of Debian's `prometheus` package (downloaded, not
+#     installed: no service, no user, no dependencies) into the same bin directory, for the
+#     tests that load the chart's alert rules into a real Prometheus.
 # Idempotent: what is already there at the pinned version is kept.
 #
 # Needs: go (>= the tools' go directive), a Python with PyYAML (the project's .venv, or $PYTHON).
@@ -55,6 +58,34 @@ for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
 done
 install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "$helm_ldflags"
 install_tool kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION" "-s -w"
+
+# prometheus 2.42 is what Debian 12 ships; the rules the chart renders use nothing newer.
+install_prometheus() {
+    local want="debian-package prometheus 2"
+    if stamp_matches prometheus "$want" "$BIN_DIR/prometheus" "$BIN_DIR/promtool"; then
+        echo "install-chart-tools: prometheus and promtool already installed"
+        return 0
+    fi
+    echo "install-chart-tools: taking prometheus and promtool out of Debian's package"
+    stamp_clear prometheus
+    apt_lists_fresh
+    local tmp
+    tmp=$(mktemp -d)
+    (
+        cd "$tmp"
+        # apt's sandbox user cannot write here; the download itself is checked by apt
+        apt-get download -qq -o APT::Sandbox::User=root prometheus
+        dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/prometheus ./usr/bin/promtool
+    ) || { rm -rf "$tmp"; return 1; }
+    install -m 0755 "$tmp/usr/bin/prometheus" "$tmp/usr/bin/promtool" "$BIN_DIR/"
+    rm -rf "$tmp"
+    "$BIN_DIR/promtool" --version 2>&1 | head -n 1 | grep -q '^promtool, version 2\.' || {
+        echo "install-chart-tools: Debian's promtool is not a 2.x release" >&2
+        return 1
+    }
+    stamp_write prometheus "$want"
+}
+install_prometheus
 
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi

@@ -10,6 +10,17 @@ export DEBIAN_FRONTEND=noninteractive
 
 say() { printf '==> %s\n' "$*" >&2; }
 
+# apt_lists_fresh: runs `apt-get update` unless this project did so in the last day (a fresh
+# machine has no package lists).
+apt_lists_fresh() {
+    local stamp=/var/lib/apt/periodic/nodelocal-csi-update
+    if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ]; then
+        say "apt-get update"
+        apt-get update -qq
+        mkdir -p "$(dirname "$stamp")" && touch "$stamp"
+    fi
+}
+
 # apt_install PKG...: installs the packages that are missing, running `apt-get update` at most
 # once a day (a fresh machine has no package lists).
 apt_install() {
@@ -18,12 +29,7 @@ apt_install() {
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
-    local stamp=/var/lib/apt/periodic/nodelocal-csi-update
-    if [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ]; then
-        say "apt-get update"
-        apt-get update -qq
-        mkdir -p "$(dirname "$stamp")" && touch "$stamp"
-    fi
+    apt_lists_fresh
     say "apt-get install ${missing[*]}"
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }

@@ -24,6 +24,8 @@ fi
 start=$(date +%s)
 "$ROOT/scripts/install-python.sh"
 vng=$("$ROOT/scripts/install-vm.sh" | tail -n 1)
+# helm and prometheus, for the tests of the chart's alerts on a real lvm driver
+"$ROOT/scripts/install-chart-tools.sh" >/dev/null
 
 only=all
 prev=""

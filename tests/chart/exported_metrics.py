@@ -62,6 +62,24 @@ DRIVER_METRICS: tuple[Metric, ...] = (
     ),
 )
 
+# The reconcilers' (docs/operations.md): registered only where a reconciler runs, so a default
+# scrape shows none of them.
+RECONCILE_METRICS: tuple[Metric, ...] = (
+    Metric(
+        "csi_driver_reconcile_runs_total", "counter", ("reconciler", "result"), "rounds by result"
+    ),
+    Metric(
+        "csi_driver_reconcile_actions_total",
+        "counter",
+        ("reconciler", "action"),
+        "what the reconcilers did",
+    ),
+    Metric("csi_driver_reconcile_leader", "gauge", (), "1 while this replica leads"),
+    Metric("csi_driver_lost_node_volumes", "gauge", (), "PVs whose Node is gone"),
+    Metric("csi_driver_orphan_volumes", "gauge", (), "volumes no PV names"),
+    Metric("csi_driver_orphan_bytes", "gauge", (), "capacity of those volumes"),
+)
+
 # prometheus-client's process collector (Linux): present in every scrape of the driver.
 PROCESS_METRICS: tuple[Metric, ...] = (
     Metric("process_resident_memory_bytes", "gauge", (), "resident memory"),
@@ -89,7 +107,7 @@ _SUFFIXES: dict[Kind, tuple[str, ...]] = {
 
 
 def all_metrics() -> tuple[Metric, ...]:
-    return DRIVER_METRICS + PROCESS_METRICS + SCRAPE_METRICS
+    return DRIVER_METRICS + RECONCILE_METRICS + PROCESS_METRICS + SCRAPE_METRICS
 
 
 def series_names() -> frozenset[str]:

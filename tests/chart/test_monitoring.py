@@ -341,7 +341,7 @@ def test_a_misspelt_metric_in_the_chart_is_caught(chart_tools: ChartTools) -> No
 def test_contract_list_is_consistent() -> None:
     all_names = [m.name for m in exported_metrics.all_metrics()]
     assert len(all_names) == len(set(all_names))
-    for m in exported_metrics.DRIVER_METRICS:
+    for m in exported_metrics.DRIVER_METRICS + exported_metrics.RECONCILE_METRICS:
         assert m.name.startswith("csi_driver_")
         assert (m.kind == "counter") == m.name.endswith("_total")
         assert m.kind != "histogram" or m.name.endswith("_seconds")

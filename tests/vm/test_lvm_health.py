@@ -1,6 +1,7 @@
 """Volume conditions of the lvm backend on a real kernel: LVs removed, deactivated and a thin
 pool filled behind the driver's back, an ext4 error injected, and what NodeGetVolumeStats,
-ControllerGetVolume and ListVolumes then say.
+ControllerGetVolume and ListVolumes then say; and the chart's thin pool alert, in a real
+Prometheus scraping the driver while the pool fills.
 
 Runs only inside the real-kernel VM lane, with the node helper of test_lvm_backend.py but a
 driver of its own: started with ``--lvm-thin-pool-threshold`` a few percent above what the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,8 @@ from csi_driver.proto import csi_pb2
 if os.environ.get("CSI_VM_LANE") != "1":
     pytest.skip("runs inside the real-kernel VM: scripts/test-vm.sh", allow_module_level=True)
 
-from testkit.driver_process import Csi
+from testkit.driver_process import Csi, free_port
+from testkit.prometheus import Alert, Prometheus, render_rules
 from tests.requests import rpc_code
 from tests.vm.test_lvm_backend import (
     THINPOOL,
@@ -70,7 +73,9 @@ def driver(tmp_path_factory: pytest.TempPathFactory, threshold: int) -> Iterator
         base,
         node_id="vm-node",
         classes=device_classes(base),
-        # no /metrics: a scrape runs a report of its own, which would count below
+        # /metrics is scraped only by the pool test's Prometheus: a scrape runs a report of its
+        # own, which would count in the first test
+        metrics_port=free_port(),
         extra_args=[
             "--kubelet-dir",
             os.path.realpath(tmp_path_factory.getbasetemp()),
@@ -193,32 +198,72 @@ def test_an_inactive_logical_volume_is_abnormal_on_the_node_and_in_the_controlle
 def test_a_thin_pool_past_the_threshold_makes_its_volumes_abnormal(
     node: Node,  # noqa: F811
     csi: Csi,  # noqa: F811
+    driver: LvmDriver,
     threshold: int,
+    tmp_path: Path,
 ) -> None:
+    """The driver's conditions, and the chart's thin pool alert in a real Prometheus scraping
+    the driver (its warning threshold set to the module's, as an operator would set it)."""
     data, _, size = pool_percent()
     assert data < threshold, f"the pool is at {data}% already; the module's threshold {threshold}"
+    limits = {"warning": threshold / 100, "critical": 0.995}
+    rules = render_rules(
+        tmp_path / "rules.yml",
+        values={"thinPoolData": limits, "thinPoolMetadata": limits},
+    )
+    prometheus = Prometheus(
+        tmp_path / "prometheus", rules, {f"127.0.0.1:{driver.metrics_port}": "vm-node"}
+    )
+    with prometheus:
+        assert not pool_alerts(prometheus.firing_after_scrapes(timeout=180))
+        _fill_and_check_conditions(node, csi, threshold, data, size)
+        ratio = 'csi_driver_thinpool_data_used_ratio{device_class="thin"}'
+        firing = pool_alerts(
+            prometheus.firing_after_scrapes(f"{ratio} > {threshold / 100}", timeout=180)
+        )
+        health = prometheus.rule_health()
+    assert set(health.values()) == {"ok"}, health
+    assert list(firing) == ["NodelocalCSIThinPoolDataFilling"], firing
+    (alert,) = firing["NodelocalCSIThinPoolDataFilling"]
+    assert alert.labels["severity"] == "warning"
+    assert (alert.labels["device_class"], alert.labels["node"]) == ("thin", "vm-node")
+    assert alert.value == pytest.approx(pool_percent()[0] / 100, abs=0.01)
+
+
+def any_percent(message: str) -> str:
+    return re.sub(r"\d+(\.\d+)?% full", "N% full", message)
+
+
+def pool_alerts(firing: dict[str, list[Alert]]) -> dict[str, list[Alert]]:
+    return {name: alerts for name, alerts in firing.items() if "ThinPool" in name}
+
+
+def _fill_and_check_conditions(
+    helper: Node, stubs: Csi, threshold: int, data: float, size: int
+) -> None:
     fill = math.ceil((threshold + 1 - data) / 100 * size / MiB) * MiB
-    vid = node.create("health-fill", fill + 64 * MiB).volume_id
-    other = node.create("health-bystander", 16 * MiB).volume_id
-    thick = node.create("health-thick-by", 16 * MiB, params={"deviceClass": "thick"}).volume_id
-    target = node.use(vid, "fill-pod")
-    assert not node_condition(csi, vid, target).abnormal
+    vid = helper.create("health-fill", fill + 64 * MiB).volume_id
+    other = helper.create("health-bystander", 16 * MiB).volume_id
+    thick = helper.create("health-thick-by", 16 * MiB, params={"deviceClass": "thick"}).volume_id
+    target = helper.use(vid, "fill-pod")
+    assert not node_condition(stubs, vid, target).abnormal
     write_random(Path(target) / "fill", fill, "fill the pool")
     os.sync()
     data_now, _, _ = pool_percent()
     assert data_now >= threshold, f"the pool is at {data_now}% after writing {fill} bytes"
 
-    condition = node_condition(csi, vid, target)
+    condition = node_condition(stubs, vid, target)
     assert condition.abnormal, condition
     assert f"thin pool {VG}/{THINPOOL} is " in condition.message
     assert f"% full (data), at or above the {threshold}% threshold" in condition.message
     assert f"lvextend -L +SIZE {VG}/{THINPOOL}" in condition.message
-    # the controller says the same (one rule), and of every thin volume in the pool
-    for c in controller_conditions(csi, vid):
-        assert (c.abnormal, c.message) == (True, condition.message)
-    for c in controller_conditions(csi, other):
+    # the controller says the same (one rule), and of every thin volume in the pool; the pool
+    # may have grown by a tenth of a percent in between (ext4's lazy writes)
+    for c in controller_conditions(stubs, vid):
+        assert (c.abnormal, any_percent(c.message)) == (True, any_percent(condition.message))
+    for c in controller_conditions(stubs, other):
         assert c.abnormal and f"thin pool {VG}/{THINPOOL} is " in c.message
-    for c in controller_conditions(csi, thick):
+    for c in controller_conditions(stubs, thick):
         assert not c.abnormal
     # deleting the data and the volume brings the pool back under the threshold (cleanup)
 
