@@ -1,5 +1,5 @@
 # Entry points. `make run` and `make test` work on a fresh Debian 12 machine (as root).
-.PHONY: run test lint unit sanity vm e2e image proto deploy bench registration clean
+.PHONY: run test lint unit sanity vm e2e image proto deploy bench registration scale clean
 
 run:  ## install what is needed and run the driver on its embedded default
 	scripts/run.sh
@@ -38,6 +38,9 @@ registration:  ## plugin registration with the real csi-node-driver-registrar an
 
 bench:  ## run the benchmarks (docs/benchmarks.md)
 	scripts/bench.sh
+
+scale:  ## 100 simulated nodes, 2,000 Pods with PVCs: rate, capacity, footprint (docs/scale.md)
+	scripts/scale.sh
 
 clean:
 	rm -rf .data .venv .pytest_cache

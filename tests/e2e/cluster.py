@@ -270,6 +270,8 @@ class Cluster:
         self.host_ip = ""
         self.api_port = 0
         self.snapshotter = "overlayfs"
+        self.apiserver_args: tuple[str, ...] = ()
+        self.controller_manager_args: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ paths
 
@@ -374,6 +376,23 @@ class Cluster:
         with self._timed("kubelet"):
             self._start_kubelet()
         self.timings["start_total"] = round(time.monotonic() - t0, 2)
+
+    def start_control_plane(
+        self, apiserver_args: tuple[str, ...] = (), controller_manager_args: tuple[str, ...] = ()
+    ) -> None:
+        """etcd, kube-apiserver, kube-controller-manager (each with extra flags) and
+        kube-scheduler only: no runtime, network or kubelet, for nodes simulated elsewhere
+        (the scale lane, tests/scale)."""
+        self.apiserver_args = apiserver_args
+        self.controller_manager_args = controller_manager_args
+        (self.workdir / OWNER_FILE).write_text(str(os.getpid()))
+        for d in ("logs", "etcd"):
+            (self.workdir / d).mkdir(parents=True, exist_ok=True)
+        self.host_ip = host_ip()
+        self._pki()
+        self._start_etcd()
+        self._start_apiserver()
+        self._start_controllers()
 
     def _pki(self) -> None:
         pki = Pki(self.workdir / "pki")
@@ -489,6 +508,7 @@ class Cluster:
                 "--profiling=false",
                 f"--cert-dir={pki}",
                 "--v=1",
+                *self.apiserver_args,
             ],
         )
         wait_for(
@@ -518,6 +538,7 @@ class Cluster:
                 f"--cert-dir={self.workdir / 'pki' / 'kcm'}",
                 f"--flex-volume-plugin-dir={self.workdir / 'volume-plugins'}",
                 "--v=1",
+                *self.controller_manager_args,
             ],
         )
         sched = self._kubeconfig("scheduler")
