@@ -23,6 +23,7 @@ from csi_driver.storage_metrics import StorageCollector
 from csi_driver.system.runner import SubprocessRunner
 
 if TYPE_CHECKING:
+    from csi_driver.reconcile.periodic import Periodic
     from csi_driver.services.peer import Forwarder
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class Driver:
     peer_server: Server | None = None
     #: what else must be well for this process to serve (the node's mount table, ...)
     checks: list[Callable[[], str | None]] = field(default_factory=list)
+    #: the opt-in reconcilers (docs/operations.md), threads of their own
+    reconcilers: list[Periodic] = field(default_factory=list)
 
     def health(self) -> str | None:
         """Why this process cannot serve now, or None: the one answer behind Probe and
@@ -64,12 +67,22 @@ class Driver:
                 raise StartError(f"the peer channel: {exc}") from exc
         if self.metrics_server is not None:
             self.metrics_server.start()
+        for reconciler in self.reconcilers:
+            reconciler.start()
 
     def stop(self) -> None:
         self.server.stop()
         self.stop_side_servers()
 
     def stop_side_servers(self) -> None:
+        if self.reconcilers:
+            from csi_driver.reconcile.periodic import stop_all
+
+            # all at once, within one short shared wait: this follows the RPC grace period
+            # inside the Pod's terminationGracePeriodSeconds
+            left = stop_all(self.reconcilers)
+            if left:
+                log.warning("reconcilers still running at exit", extra={"reconcilers": left})
         if self.peer_server is not None:
             self.peer_server.stop()
         if self.metrics_server is not None:
@@ -99,6 +112,7 @@ def build(config: Config) -> Driver:
         from csi_driver.system.mounter import Mounter
 
         node = NodeServicer(config, backend, locks, Mounter(), Filesystems(runner))
+        controller.after_modify = node.io_limits.reapply
         checks.append(node.health)
         registrations.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
     else:
@@ -134,6 +148,14 @@ def build(config: Config) -> Driver:
             handshake_timeout_ms=PEER_LIMITS.handshake_timeout_ms,
             credentials=credentials,
         )
+    if config.reconcile.any_on:
+        from csi_driver.kubeapi import ApiError
+        from csi_driver.reconcile.start import build_reconcilers
+
+        try:
+            driver.reconcilers = build_reconcilers(config, backend, locks, metrics.registry)
+        except ApiError as exc:
+            raise StartError(f"the reconcilers (--node-loss, --orphans): {exc}") from exc
     if config.metrics_address:
         report = backend.storage_report if backend is not None else _no_storage
         metrics.add_collector(StorageCollector(report, driver.health))

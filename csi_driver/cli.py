@@ -20,6 +20,8 @@ from csi_driver.config import (
     LvmConfig,
     Mode,
     PeerConfig,
+    Reconcile,
+    ReconcileConfig,
     host_port,
     parse_endpoint,
 )
@@ -171,6 +173,52 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         env.get("POD_NAMESPACE"),
     )
     add("--peer-selector", "controller mode: label selector of the node plugin pods", None)
+    reconcile_choices = [r.value for r in Reconcile]
+    add(
+        "--node-loss",
+        "controller mode: PVs of deleted Nodes: off, report (log, Event, metric) or delete"
+        " (also delete their PVCs, and PVs with reclaim policy Delete); docs/operations.md",
+        Reconcile.OFF.value,
+        choices=reconcile_choices,
+    )
+    add(
+        "--node-loss-grace-period",
+        "seconds a Node must stay deleted before its PVs count as lost",
+        600.0,
+        type=float,
+    )
+    add("--node-loss-interval", "seconds between node loss rounds", 30.0, type=float)
+    add(
+        "--node-loss-max-nodes",
+        "hold node loss (nothing reported or deleted) while more nodes than this are missing",
+        3,
+        type=int,
+    )
+    add(
+        "--node-loss-max-percent",
+        "... or while more than this percentage of the nodes is missing",
+        50.0,
+        type=float,
+    )
+    add(
+        "--orphans",
+        "node mode: volumes no PV names: off, report (log, Event on the Node, metric) or"
+        " delete; docs/operations.md",
+        Reconcile.OFF.value,
+        choices=reconcile_choices,
+    )
+    add(
+        "--orphans-grace-period",
+        "seconds a volume must stay without a PV before it counts as orphaned",
+        3600.0,
+        type=float,
+    )
+    add("--orphans-interval", "seconds between orphan rounds", 300.0, type=float)
+    add(
+        "--reconcile-namespace",
+        "controller mode: namespace of the node loss leader Lease (default: $POD_NAMESPACE)",
+        env.get("POD_NAMESPACE"),
+    )
     add("--max-volumes-per-node", "reported in NodeGetInfo; 0 means no limit", 0, type=int)
     add("--grace-period", "seconds in-flight RPCs get to finish on SIGTERM", 10.0, type=float)
     add(
@@ -240,6 +288,17 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
             )
             if args.peer_tls_dir
             else None,
+            reconcile=ReconcileConfig(
+                node_loss=Reconcile(args.node_loss),
+                node_loss_grace_seconds=args.node_loss_grace_period,
+                node_loss_interval=args.node_loss_interval,
+                node_loss_max_nodes=args.node_loss_max_nodes,
+                node_loss_max_percent=args.node_loss_max_percent,
+                orphans=Reconcile(args.orphans),
+                orphans_grace_seconds=args.orphans_grace_period,
+                orphans_interval=args.orphans_interval,
+                namespace=args.reconcile_namespace or None,
+            ),
         )
     except ValueError as exc:
         parser.error(str(exc))

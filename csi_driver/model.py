@@ -12,8 +12,19 @@ from csi_driver.errors import AlreadyExists
 #: the StorageClass parameter a VolumeAttributesClass may also set, and ControllerModifyVolume
 #: change later (backends/mutable.py checks its values)
 WIPE_ON_DELETE = "wipeOnDelete"
+#: IO limits, applied to the device of a published volume in the Pod's cgroup (io.max)
+READ_BYTES_PER_SECOND = "readBytesPerSecond"
+WRITE_BYTES_PER_SECOND = "writeBytesPerSecond"
+READ_IO_PER_SECOND = "readIOPerSecond"
+WRITE_IO_PER_SECOND = "writeIOPerSecond"
+IO_LIMIT_PARAMETERS = (
+    READ_BYTES_PER_SECOND,
+    WRITE_BYTES_PER_SECOND,
+    READ_IO_PER_SECOND,
+    WRITE_IO_PER_SECOND,
+)
 #: parameters that may change over a volume's life, so they do not tell volumes apart
-MUTABLE_PARAMETERS = (WIPE_ON_DELETE,)
+MUTABLE_PARAMETERS = (WIPE_ON_DELETE, *IO_LIMIT_PARAMETERS)
 
 
 def frozen_map(data: Mapping[str, str] | None = None) -> Mapping[str, str]:

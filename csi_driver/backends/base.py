@@ -11,6 +11,7 @@ from csi_driver.model import (
     Parameters,
     Snapshot,
     StorageReport,
+    Usage,
     Volume,
     VolumeCondition,
     VolumeSpec,
@@ -137,6 +138,11 @@ class Backend(Protocol):
         """The snapshots :func:`listed_after` selects, as :meth:`list_volumes` does."""
 
     def volume_condition(self, volume_id: str) -> VolumeCondition: ...
+
+    def volume_usage(self, volume_id: str) -> Usage | None:
+        """The volume's own usage where the filesystem it is mounted from cannot tell it (a
+        directory sharing its filesystem with others); None where that filesystem's
+        ``statvfs`` is the volume's (an LV, an image). NotFound when the volume is gone."""
 
     def storage_report(self, max_volumes: int) -> StorageReport:
         """The storage as the metrics show it (storage_metrics.py): per class, the numbers

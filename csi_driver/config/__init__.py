@@ -150,6 +150,74 @@ class PeerConfig:
     selector: str | None = None
 
 
+class Reconcile(enum.Enum):
+    """What an opt-in reconciler does with what it finds (docs/operations.md)."""
+
+    OFF = "off"
+    REPORT = "report"
+    DELETE = "delete"
+
+
+#: the shortest grace period a deleting reconciler accepts (seconds)
+MIN_DELETE_GRACE = 30.0
+
+
+@dataclass(frozen=True)
+class ReconcileConfig:
+    """The reconcilers: node loss in controller mode, orphans in node mode."""
+
+    node_loss: Reconcile = Reconcile.OFF
+    node_loss_grace_seconds: float = 600.0
+    node_loss_interval: float = 30.0
+    #: more nodes missing at once than this, or than this percentage, hold node loss
+    node_loss_max_nodes: int = 3
+    node_loss_max_percent: float = 50.0
+    orphans: Reconcile = Reconcile.OFF
+    orphans_grace_seconds: float = 3600.0
+    orphans_interval: float = 300.0
+    #: controller mode: where the leader election's Lease lives
+    namespace: str | None = None
+
+    @property
+    def any_on(self) -> bool:
+        return Reconcile.OFF is not self.node_loss or Reconcile.OFF is not self.orphans
+
+    def check(self, mode: Mode) -> None:
+        for what, value in (
+            ("--node-loss-grace-period", self.node_loss_grace_seconds),
+            ("--node-loss-interval", self.node_loss_interval),
+            ("--orphans-grace-period", self.orphans_grace_seconds),
+            ("--orphans-interval", self.orphans_interval),
+        ):
+            if not 1 <= value <= 366 * 86400:
+                raise ValueError(f"{what} must be between 1 second and a year, got {value:g}")
+        for name, mode_of, grace, interval in (
+            ("--node-loss", self.node_loss, self.node_loss_grace_seconds, self.node_loss_interval),
+            ("--orphans", self.orphans, self.orphans_grace_seconds, self.orphans_interval),
+        ):
+            if mode_of is Reconcile.OFF:
+                continue
+            # a grace period must span rounds: one round alone is never evidence
+            if grace < interval:
+                raise ValueError(f"{name}: the grace period must be at least the interval")
+            if mode_of is Reconcile.DELETE and grace < max(MIN_DELETE_GRACE, 2 * interval):
+                raise ValueError(
+                    f"{name}=delete: the grace period must be at least {MIN_DELETE_GRACE:g}s and"
+                    f" twice the interval, got {grace:g}s"
+                )
+        if self.node_loss_max_nodes < 1 or not 0 < self.node_loss_max_percent <= 100:
+            raise ValueError(
+                "--node-loss-max-nodes must be at least 1 and --node-loss-max-percent in (0, 100]"
+            )
+        if self.node_loss is not Reconcile.OFF:
+            if mode is not Mode.CONTROLLER:
+                raise ValueError("--node-loss runs in the controller Deployment (controller mode)")
+            if not self.namespace:
+                raise ValueError("--node-loss needs --reconcile-namespace (its leader Lease)")
+        if self.orphans is not Reconcile.OFF and not mode.owns_volumes:
+            raise ValueError("--orphans runs where the volumes are (--mode=node or standalone)")
+
+
 @dataclass(frozen=True)
 class Config:
     endpoint: Endpoint
@@ -168,6 +236,8 @@ class Config:
     kubelet_dir: Path = Path("/var/lib/kubelet")
     #: the controller-to-node channel (node and controller mode, when the chart enables it)
     peer: PeerConfig | None = None
+    #: the opt-in reconcilers (docs/operations.md)
+    reconcile: ReconcileConfig = ReconcileConfig()
 
     @property
     def topology_key(self) -> str:
@@ -188,6 +258,7 @@ class Config:
             split_host_port(self.metrics_address, "--metrics-address")
         if self.peer is not None:
             self._check_peer(self.peer)
+        self.reconcile.check(self.mode)
 
     def _check_peer(self, peer: PeerConfig) -> None:
         if self.mode is Mode.STANDALONE:

@@ -90,6 +90,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self._locks = locks
         self._node = config.node_id
         self._key = config.topology_key
+        #: the node plugin's follow-up of a modification, under the volume's lock: it sets the
+        #: new IO limits of the volume's publications (services/node_io_limits.py)
+        self.after_modify: Callable[[model.Volume], None] | None = None
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -505,7 +508,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         changes = backend.validate_mutable_parameters(wanted)
         with self._locks.hold(volume_id):
             self._existing_volume(backend, volume_id)
-            backend.modify_volume(volume_id, changes)
+            volume = backend.modify_volume(volume_id, changes)
+            if self.after_modify is not None:
+                self.after_modify(volume)
         return csi_pb2.ControllerModifyVolumeResponse()
 
     def _forward_modify(

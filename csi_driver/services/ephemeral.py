@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from csi_driver import ids, model
+from csi_driver.backends import mutable
 from csi_driver.backends.base import Backend
 from csi_driver.config import Config
 from csi_driver.errors import CsiError, InvalidArgument, NotFound
@@ -185,6 +186,11 @@ class EphemeralVolumes:
                 if k != EPHEMERAL_SIZE_KEY
             }
         )
+        if mutable.io_limits(parameters).any:
+            raise InvalidArgument(
+                "IO limits are not supported on inline ephemeral volumes; use a generic"
+                " ephemeral volume (a PVC template) with a StorageClass that sets them"
+            )
         return model.VolumeSpec(
             name=kubelet_id,
             capacity_bytes=sizing.create_size(self._backend, parameters, size),

@@ -60,9 +60,11 @@ from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from csi_driver.services import convert
 from csi_driver.services.block_volumes import BlockVolumes
 from csi_driver.services.ephemeral import EphemeralVolumes, is_ephemeral
+from csi_driver.services.node_io_limits import NodeIoLimits
 from csi_driver.services.node_volumes import TARGET_DIR_MODE, NodeVolumes
 from csi_driver.services.volume_stats import VolumeStats
 from csi_driver.system import mountflags
+from csi_driver.system.cgroup_io import CgroupIo
 from csi_driver.system.confined import Confined, Jail, mount_id
 from csi_driver.system.filesystem import Filesystems
 from csi_driver.system.mounter import Key, Mounter, MountError, MountInfo
@@ -100,6 +102,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         filesystems: Filesystems,
         *,
         state_dir: str | None = None,
+        cgroup: CgroupIo | None = None,
     ) -> None:
         self._config = config
         self._backend = backend
@@ -112,6 +115,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         self._block = BlockVolumes(self._volumes)
         self.ephemeral = EphemeralVolumes(self, config, backend, state_dir)
         self._stats = VolumeStats(self._volumes, self.ephemeral)
+        self.io_limits = NodeIoLimits(
+            self._volumes, backend, config.kubelet_dir, cgroup or CgroupIo()
+        )
 
     # --- health ----------------------------------------------------------------------------
 
@@ -364,6 +370,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                     self._block.publish(volume, cap, attachment, staging, target, read_only)
                 else:
                     self.publish_mount(volume, cap, attachment, staging, target, read_only)
+                self.io_limits.publish(volume, attachment, target.path, context_map)
             reach("publish.done")
         log.info("published", extra={"volume_id": volume_id, "target_path": path})
         return csi_pb2.NodePublishVolumeResponse()
@@ -439,6 +446,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             with self.jail.existing(path) as target:
                 if target is not None:
                     self.unpublish(volume, attachment, target)
+            # after the unmount, from the path alone: also the retry after a kill in between
+            self.io_limits.unpublish(attachment, path)
         log.info("unpublished", extra={"volume_id": volume_id, "target_path": path})
         return csi_pb2.NodeUnpublishVolumeResponse()
 

@@ -6,6 +6,11 @@ volume's (its staging mount, a publication, its device node), and then work thro
 descriptor of that path (``/proc/self/fd/N``), so that what is measured or grown is what was
 checked. A path that is malformed, outside the kubelet directory or not this volume's is
 NOT_FOUND, as csi-sanity expects.
+
+A volume's usage is the ``statvfs`` of what is mounted there, unless the backend knows the
+volume's own (:meth:`~csi_driver.backends.base.Backend.volume_usage`): a hostpath directory
+shares its filesystem with its neighbours, so its usage comes from its project quota or from
+a bounded walk of it, and its total is its capacity.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 from collections.abc import Iterator
 
 from csi_driver import bounded, ids, model
-from csi_driver.errors import InvalidArgument, NotFound
+from csi_driver.errors import CsiError, InvalidArgument, NotFound
 from csi_driver.failpoints import reach
 from csi_driver.proto import csi_pb2
 from csi_driver.services import convert, sizing
@@ -105,6 +110,7 @@ class VolumeStats:
             detached = volume.access_type is model.AccessType.BLOCK and attachment is None
             problem = None
             usage: list[csi_pb2.VolumeUsage] = []
+            mounted: model.Usage | None = None
             with self._volume_at(
                 volume, path, any_mount=condition.abnormal or detached, attachment=attachment
             ) as (mount, by_fd):
@@ -115,18 +121,35 @@ class VolumeStats:
                         size = self._fs.block_device_size(by_fd)
                         usage = [csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=size)]
                     else:
-                        usage = convert.usage_to_pb(self._fs.usage(by_fd))
+                        mounted = self._fs.usage(by_fd)  # read even when not shown: a probe
                 except FilesystemError as exc:
                     problem = problem or (
                         f"the volume at {path} cannot be read ({exc}): its filesystem may have"
                         " shut down after an error (see the kernel log); unpublish and unstage"
                         " the volume, repair it (xfs_repair, e2fsck) and stage it again"
                     )
+            # Outside the mount's descriptor: a walk of the volume (its backing directory,
+            # up to seconds) must not keep an unmount of the path busy meanwhile.
+            if mounted is not None:
+                usage = convert.usage_to_pb(self._own_usage(volume) or mounted)
         if problem and not condition.abnormal:
             condition = model.VolumeCondition(True, problem)
         return csi_pb2.NodeGetVolumeStatsResponse(
             usage=usage or _UNKNOWN_USAGE, volume_condition=convert.condition_to_pb(condition)
         )
+
+    def _own_usage(self, volume: model.Volume) -> model.Usage | None:
+        """The backend's word on what the volume holds, where the filesystem mounted there is
+        shared with other volumes (a hostpath directory): without it, ``statvfs`` would show
+        the whole filesystem. A failure to read it is logged and the mount's usage shown."""
+        try:
+            return self._backend.volume_usage(volume.id)
+        except CsiError as exc:
+            log.warning(
+                "cannot read the volume's own usage; showing its filesystem's",
+                extra={"volume_id": volume.id, "error": str(exc)},
+            )
+            return None
 
     def _node_problem(
         self,

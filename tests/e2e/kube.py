@@ -331,6 +331,15 @@ class Kube:
             for e in items
         )
 
+    def events_about(self, name: str, reason: str, namespace: str | None = None) -> list[Any]:
+        """Events of ``reason`` about the object ``name``, in ``namespace`` (default: this
+        one; "default" for cluster-scoped objects such as PVs and Nodes)."""
+        return self.items(
+            self.core.list_namespaced_event,
+            namespace or self.namespace,
+            field_selector=f"involvedObject.name={name},reason={reason}",
+        )
+
     def describe(self, pod: str) -> str:
         try:
             p = self.read_pod(pod)

@@ -155,6 +155,9 @@ class FakeBackend:
     def volume_condition(self, volume_id: str) -> model.VolumeCondition:
         return model.VolumeCondition.healthy()
 
+    def volume_usage(self, volume_id: str) -> model.Usage | None:
+        return None
+
     def attach(self, volume_id: str) -> model.Attachment:
         raise AssertionError("the controller never attaches")
 

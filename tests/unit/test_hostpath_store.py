@@ -46,6 +46,7 @@ from csi_driver.errors import (
 )
 from csi_driver.model import AccessType, ContentSource, Parameters, SourceKind, VolumeSpec
 from csi_driver.system import extents, fsinfo
+from csi_driver.system.quota import ProjectUsage
 from csi_driver.system.runner import CommandError, CommandResult, SubprocessRunner
 from csi_driver.units import MiB
 from tests.fake_runner import FakeRunner
@@ -885,14 +886,20 @@ def test_a_directory_volume_has_nothing_to_attach(open_backend: _Opener) -> None
 
 
 class FakeQuota:
-    def __init__(self, runner: object, mountpoint: str, device: str = "") -> None:
+    def __init__(self, mountpoint: str, device: str = "") -> None:
         self.calls: list[tuple[object, ...]] = []
         FakeQuota.last = self
 
     last: FakeQuota
 
-    def assign(self, directory: Path, project_id: int) -> None:
+    def assign(self, directory: Path, project_id: int, stopping: object = None) -> None:
         self.calls.append(("assign", directory.name, project_id))
+
+    def in_use(self, project_id: int) -> bool:
+        return False
+
+    def usage(self, project_id: int) -> ProjectUsage:
+        return ProjectUsage(0, 0, 0)  # no limit yet: a start applies it
 
     def set_limit(self, project_id: int, hard_bytes: int) -> None:
         self.calls.append(("limit", project_id, hard_bytes))
@@ -901,8 +908,8 @@ class FakeQuota:
 def test_quota_calls_follow_the_volume(
     open_backend: _Opener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(limits_mod, "enforces_project_quota", lambda mount: True)
-    monkeypatch.setattr(limits_mod, "XfsProjectQuota", FakeQuota)
+    monkeypatch.setattr(limits_mod, "enforcement_problem", lambda mount, state_of: None)
+    monkeypatch.setattr(limits_mod, "ProjectQuota", FakeQuota)
     monkeypatch.setattr(limits_mod, "project_of", lambda path: (0, False))
     backend = open_backend()
     quota = FakeQuota.last
@@ -920,6 +927,7 @@ def test_quota_calls_follow_the_volume(
     assert cond.abnormal and "not applied" in cond.message
 
     backend = open_backend()  # at start, a volume without its project gets it back
+    assert backend.wait_for_background(10)
     assert FakeQuota.last.calls == [("assign", local(volume.id), pid), ("limit", pid, 6 * MiB)]
     backend.delete_volume(volume.id)
     assert FakeQuota.last.calls[-1] == ("limit", pid, 0)

@@ -1,5 +1,5 @@
-"""The system pieces under the hostpath backend, without root: XFS quotas through a recording
-runner, mount-table lookups from a file standing in for mountinfo.
+"""The system pieces under the hostpath backend, without root: reading a project id, mount-table
+lookups from a file standing in for mountinfo (the quota rules: tests/unit/test_project_quota.py).
 
 Loop devices: tests/unit/test_loop.py; real ones: tests/integration/test_loop.py and
 tests/integration/test_hostpath_backend.py; real quotas: tests/vm.
@@ -8,82 +8,12 @@ tests/integration/test_hostpath_backend.py; real quotas: tests/vm.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from csi_driver.system import fsinfo
-from csi_driver.system.mounter import MountInfo
-from csi_driver.system.quota import (
-    QuotaError,
-    XfsProjectQuota,
-    enforces_project_quota,
-    project_of,
-    quotable_path,
-)
-from tests.fake_runner import FakeRunner, result
-
-
-def recorder(handler: Callable[[tuple[str, ...]], str] | None = None) -> FakeRunner:
-    """A runner that records argv and answers with ``handler(argv)`` as stdout (which may
-    raise)."""
-    return FakeRunner((lambda argv: result(argv, out=handler(argv))) if handler else None)
-
-
-def mount(fs_type: str, super_options: tuple[str, ...]) -> MountInfo:
-    return MountInfo(1, 0, 8, 1, "/", "/srv", ("rw",), (), fs_type, "/dev/sdb", super_options)
-
-
-def test_which_mounts_enforce_project_quotas() -> None:
-    assert enforces_project_quota(mount("xfs", ("rw", "attr2", "inode64", "prjquota")))
-    assert enforces_project_quota(mount("xfs", ("rw", "pquota")))
-    assert not enforces_project_quota(mount("xfs", ("rw", "pqnoenforce")))
-    assert not enforces_project_quota(mount("xfs", ("rw", "usrquota")))
-    assert not enforces_project_quota(mount("ext4", ("rw", "prjquota")))
-
-
-def test_quota_commands_are_argument_lists_with_numbers_only() -> None:
-    runner = recorder()
-    quota = XfsProjectQuota(runner, "/srv")
-    quota.set_limit(1000001, 64 << 20)
-    assert runner.calls == [
-        (
-            "xfs_quota",
-            "-x",
-            "-D",
-            "/dev/null",
-            "-P",
-            "/dev/null",
-            "-c",
-            "limit -p bhard=67108864 1000001",
-            "/srv",
-        )
-    ]
-    for bad in (0, -1, 2**32):
-        with pytest.raises(QuotaError):
-            quota.set_limit(bad, 1)
-    with pytest.raises(QuotaError):
-        quota.set_limit(5, -1)
-
-
-def test_assign_refuses_paths_that_need_quoting_and_checks_the_result(tmp_path: Path) -> None:
-    runner = recorder()
-    quota = XfsProjectQuota(runner, "/srv")
-    for bad in ("/srv/with space", "/srv/semi;colon", "relative", "/srv/quote'"):
-        assert not quotable_path(bad)
-        with pytest.raises(QuotaError, match="cannot be passed"):
-            quota.assign(Path(bad), 7)
-    assert runner.calls == []
-    assert quotable_path("/var/lib/nodelocal-csi/volumes/v0123@x")
-    # xfs_quota "succeeded" but the directory has no project (not XFS here): caught.
-    directory = tmp_path / "d"
-    directory.mkdir()
-    if not quotable_path(directory):
-        pytest.fail(f"pytest's tmp_path {directory} should be quotable")
-    with pytest.raises(QuotaError, match="did not set project 7"):
-        quota.assign(directory, 7)
-    assert runner.calls[0][-3:] == ("-c", f"project -s -p {directory} 7", "/srv")
+from csi_driver.system.quota import QuotaError, project_of
 
 
 def test_project_of_reads_the_inode_and_never_follows_a_link(tmp_path: Path) -> None:

@@ -92,6 +92,9 @@ class FakeBackend:
     def volume_condition(self, volume_id: str) -> model.VolumeCondition:
         return model.VolumeCondition.healthy()
 
+    def volume_usage(self, volume_id: str) -> model.Usage | None:
+        return None
+
     def expand_volume(self, volume_id: str, size_bytes: int) -> model.Volume:
         self.calls.append(("expand", volume_id))
         raise AssertionError("not expected")

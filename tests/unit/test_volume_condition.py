@@ -18,8 +18,7 @@ from csi_driver.config import DEFAULT_THIN_POOL_THRESHOLD, LvmConfig
 from csi_driver.services.convert import CONDITION_MESSAGE_BYTES, condition_to_pb
 from csi_driver.system import fshealth
 from csi_driver.system.mounter import MountInfo
-from csi_driver.system.quota import QuotaError, XfsProjectQuota
-from csi_driver.system.runner import SubprocessRunner
+from csi_driver.system.quota import ProjectQuota, QuotaError
 from tests.unit.test_lvm import NODE, THICK, THIN, FakeLvm, spec
 
 
@@ -239,7 +238,7 @@ def test_a_project_usage_that_cannot_be_read_is_an_error_that_names_the_device()
     """The over-the-limit rule reads a project's usage with quotactl(2) (proven on XFS in
     tests/vm/test_hostpath_quota.py); here only its failures, which leave a volume normal."""
     with pytest.raises(QuotaError, match="device of /srv is not known"):
-        XfsProjectQuota(SubprocessRunner(), "/srv").usage(7)
+        ProjectQuota("/srv").usage(7)
     with pytest.raises(QuotaError, match="usage of project 7 on /nonexistent/dev") as exc:
-        XfsProjectQuota(SubprocessRunner(), "/srv", "/nonexistent/dev").usage(7)
+        ProjectQuota("/srv", "/nonexistent/dev").usage(7)
     assert exc.value.errno is not None

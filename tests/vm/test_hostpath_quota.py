@@ -11,87 +11,37 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from csi_driver.backends.hostpath.backend import SIZE_ENFORCED_KEY, HostPathBackend
+from csi_driver.backends.hostpath.backend import SIZE_ENFORCED_KEY
 from csi_driver.model import AccessType, ContentSource, SourceKind, VolumeSpec
-from csi_driver.system.quota import project_of
-from csi_driver.system.runner import SubprocessRunner
+from csi_driver.system.quota import ProjectQuota, QuotaError, project_of, quota_state
 from csi_driver.units import MiB
+from tests.vm.hostpath_roots import Backends, du, fill, loop_filesystem, sh
 
 if os.environ.get("CSI_VM_LANE") != "1":
     pytest.skip("runs inside the real-kernel VM: scripts/test-vm.sh", allow_module_level=True)
 
 pytestmark = pytest.mark.vm
-
-NODE = "vm-node"
-CHUNK = MiB
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
-    return proc
+#: what test_hostpath_metrics.py takes from here
+__all__ = ["Backends", "backends", "fill", "xfs_mount"]
 
 
 @pytest.fixture
 def xfs_mount(tmp_path: Path) -> Iterator[Path]:
     """An XFS filesystem mounted with prjquota on a loop device; gone again afterwards."""
-    image = tmp_path / "xfs.img"
-    with image.open("wb") as f:
-        f.truncate(512 * MiB)  # sparse; mkfs.xfs wants at least 300 MB
-    sh("mkfs.xfs", "-q", "-f", str(image))
-    device = sh("losetup", "--find", "--show", str(image)).stdout.strip()
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        mounted = sh("mount", "-o", "prjquota", device, str(mnt), check=False)
-        if mounted.returncode != 0:
-            pytest.fail(
-                f"cannot mount XFS with prjquota ({mounted.stderr.strip()}): this kernel does"
-                " not give the quota support the VM lane exists for"
-            )
-        try:
-            state = sh("xfs_quota", "-x", "-c", "state -p", str(mnt)).stdout
-            assert "Enforcement: ON" in state, state
-            yield mnt
-        finally:
-            if sh("umount", str(mnt), check=False).returncode != 0:
-                sh("umount", "--lazy", str(mnt), check=False)
-    finally:
-        sh("losetup", "--detach", device, check=False)
-    leftover = sh("losetup", "--list", "--noheadings", "--associated", str(image)).stdout
-    assert not leftover.strip(), f"loop device left behind: {leftover}"
-
-
-class Backends:
-    """Backends on the XFS root; opening a new one is a restart."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.current: HostPathBackend | None = None
-
-    def open(self) -> HostPathBackend:
-        if self.current is not None:
-            self.current.close()
-        self.current = HostPathBackend(self.root, None, NODE, SubprocessRunner())
-        return self.current
-
-    def teardown(self) -> None:
-        b = self.current or self.open()
-        try:
-            for volume in b.list_volumes():
-                b.delete_volume(volume.id)
-            for snapshot in b.list_snapshots():
-                b.delete_snapshot(snapshot.id)
-        finally:
-            b.close()
-            self.current = None
+    # sparse; mkfs.xfs wants at least 300 MB
+    with loop_filesystem(
+        tmp_path / "xfs.img", 512 * MiB, ("mkfs.xfs", "-q", "-f"), mnt, "prjquota"
+    ):
+        state = sh("xfs_quota", "-x", "-c", "state -p", str(mnt)).stdout
+        assert "Enforcement: ON" in state, state
+        yield mnt
 
 
 @pytest.fixture
@@ -101,27 +51,6 @@ def backends(xfs_mount: Path) -> Iterator[Backends]:
         yield b
     finally:
         b.teardown()
-
-
-def fill(path: Path, limit: int) -> tuple[int, int | None]:
-    """Write 1 MiB chunks (flushed, so blocks are really allocated) until ``limit`` bytes or
-    an error; (bytes written, errno or None)."""
-    written = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        chunk = os.urandom(CHUNK)
-        while written < limit:
-            try:
-                n = os.write(fd, chunk)
-                os.fsync(fd)
-            except OSError as exc:
-                return written, exc.errno
-            written += n
-            if n < len(chunk):
-                return written, None
-    finally:
-        os.close(fd)
-    return written, None
 
 
 def test_a_directory_volume_cannot_outgrow_its_size(backends: Backends) -> None:
@@ -140,6 +69,12 @@ def test_a_directory_volume_cannot_outgrow_its_size(backends: Backends) -> None:
     assert err in (errno.ENOSPC, errno.EDQUOT), f"wrote {written} bytes without a quota error"
     assert 48 * MiB <= written <= 64 * MiB, f"stopped after {written} bytes"
     assert not backend.volume_condition(volume.id).abnormal
+    os.sync()
+    usage = backend.volume_usage(volume.id)  # what NodeGetVolumeStats shows: the project's
+    assert usage is not None and usage.total_bytes == 64 * MiB
+    used, inodes = du(path)
+    assert abs(usage.used_bytes - used) <= 4096, f"quota {usage.used_bytes}, du {used}"
+    assert usage.used_inodes == inodes == 2
 
     grown = backend.expand_volume(volume.id, 128 * MiB)
     assert grown.capacity_bytes == 128 * MiB
@@ -198,3 +133,66 @@ def test_a_volume_over_its_limit_is_abnormal(backends: Backends, xfs_mount: Path
     finally:
         sh(*quota, f"limit -p bhard={32 * MiB} {projid}", str(xfs_mount))
     assert not backend.volume_condition(volume.id).abnormal
+
+
+def test_quotas_are_found_by_the_mount_point_without_the_device_node(xfs_mount: Path) -> None:
+    """In a container the device's node (a udev link) may be missing: quotactl_fd(2) on the
+    mount point needs none."""
+    missing = "/dev/no-such-node"
+    quota = ProjectQuota(str(xfs_mount), missing)
+    directory = xfs_mount / "by-fd"
+    directory.mkdir()
+    try:
+        assert quota_state(missing, str(xfs_mount)).enforcing
+        quota.assign(directory, 4242)
+        quota.set_limit(4242, 8 * MiB)
+        assert project_of(directory) == (4242, True)
+        assert quota.usage(4242).hard_bytes == 8 * MiB and quota.in_use(4242)
+        with pytest.raises(QuotaError, match="No such file"):
+            ProjectQuota("", missing).usage(4242)  # by the device path alone: no such node
+    finally:
+        quota.set_limit(4242, 0)
+        shutil.rmtree(directory)
+
+
+def test_a_restart_finishes_an_assignment_cut_short_and_sets_a_lost_limit(
+    backends: Backends, xfs_mount: Path
+) -> None:
+    backend = backends.open()
+    volume = backend.create_volume(VolumeSpec("cut-vol", 16 * MiB, AccessType.MOUNT, "xfs"))
+    path = Path(backend.attach(volume.id).path)
+    projid, _ = project_of(path)
+    (path / "a" / "b").mkdir(parents=True)
+    (path / "a" / "b" / "data").write_bytes(os.urandom(MiB))
+    # what a kill inside an assignment leaves: the top with its project (given first, so
+    # that what is created meanwhile inherits it), part of the tree without, no limit yet
+    sh("xfs_io", "-c", "chproj 0", str(path / "a" / "b"))
+    quota = ("xfs_quota", "-x", "-D", "/dev/null", "-P", "/dev/null", "-c")
+    sh(*quota, f"limit -p bhard=0 {projid}", str(xfs_mount))
+    condition = backend.volume_condition(volume.id)
+    assert condition.abnormal and "is no bytes, not the volume's" in condition.message
+
+    backend = backends.open()
+    assert backend.wait_for_background(60)
+    assert project_of(path) == (projid, True)
+    assert project_of(path / "a" / "b") == (projid, True)
+    assert project_of(path / "a" / "b" / "data") == (projid, False)
+    assert not backend.volume_condition(volume.id).abnormal
+    written, err = fill(path / "more", 64 * MiB)
+    assert err == errno.ENOSPC, f"wrote {written} bytes, then {err}"  # XFS: ENOSPC
+    assert written <= 15 * MiB, f"{written} bytes beside 1 MiB in a 16 MiB volume"
+
+
+def test_two_roots_on_one_filesystem_get_distinct_project_ids(
+    backends: Backends, xfs_mount: Path
+) -> None:
+    other = Backends(xfs_mount / "root2")
+    try:
+        first = backends.open().create_volume(VolumeSpec("r1", 8 * MiB, AccessType.MOUNT, ""))
+        second = other.open().create_volume(VolumeSpec("r2", 8 * MiB, AccessType.MOUNT, ""))
+        assert backends.current is not None and other.current is not None
+        one = project_of(Path(backends.current.attach(first.id).path))[0]
+        two = project_of(Path(other.current.attach(second.id).path))[0]
+        assert one > 0 and two > 0 and one != two
+    finally:
+        other.teardown()

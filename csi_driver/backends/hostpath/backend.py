@@ -29,10 +29,12 @@ else a cancelled RPC leaves as a kill would: its commands are killed, no further
 Sizes: a volume is exactly as big as it is asked to be (whole blocks, as ``round_size`` told
 the caller). Its size is accounted against the capacity (the configured one, else the size
 of the root's filesystem) and against the free space of the filesystem. A directory volume's
-size is enforced only when the root is on XFS mounted with ``prjquota``: each directory gets
-an XFS project with a hard limit of its size. Elsewhere sizes are accounted, not enforced;
-every volume's context says which (:data:`SIZE_ENFORCED_KEY`). Block volumes are as big as
-their image, so their size is always enforced.
+size is enforced only where the root's filesystem enforces project quotas (XFS, or ext4 with
+the project and quota features, mounted with ``prjquota``: limits.py): each directory gets a
+project with a hard limit of its size (at start, limits a volume lacks are applied in the
+background, the volume abnormal until then: recovery.py). Elsewhere sizes are accounted, not
+enforced; every volume's context says which (:data:`SIZE_ENFORCED_KEY`). Block volumes are as
+big as their image, so their size is always enforced.
 
 Filesystem type: a directory volume lives on the root's own filesystem, so the only fs_type
 a mount volume may ask for is that one (or none). Block volumes carry no filesystem here.
@@ -63,16 +65,20 @@ from csi_driver.backends.hostpath.store import Store
 from csi_driver.backends.hostpath.volumes import SIZE_ENFORCED_KEY, Volumes
 from csi_driver.errors import InvalidArgument
 from csi_driver.model import (
+    AccessType,
     Attachment,
     Parameters,
     Snapshot,
     StorageReport,
+    Usage,
     Volume,
     VolumeCondition,
     VolumeSpec,
 )
 from csi_driver.system import fsinfo
+from csi_driver.system.cgroup_io import CgroupIo
 from csi_driver.system.runner import Runner
+from csi_driver.system_errors import system_errors
 from csi_driver.units import round_up
 
 log = logging.getLogger(__name__)
@@ -85,6 +91,10 @@ PARAMETERS: Mapping[str, str] = MappingProxyType(
     {
         mutable.WIPE_ON_DELETE: "true: overwrite every byte the volume holds with zeros before"
         " its files are removed (default false)",
+        **{
+            k: "block volumes only: an IO limit (docs/io-limits.md)"
+            for k in mutable.IO_LIMIT_PARAMETERS
+        },
     }
 )
 
@@ -98,8 +108,16 @@ class HostPathBackend:
     max_volumes_per_node = 0
 
     def __init__(
-        self, root: Path, capacity_bytes: int | None, node_id: str, runner: Runner
+        self,
+        root: Path,
+        capacity_bytes: int | None,
+        node_id: str,
+        runner: Runner,
+        *,
+        cgroup: CgroupIo | None = None,
     ) -> None:
+        #: where IO limits would be enforced; a block volume with limits needs it (mutable.py)
+        self._cgroup = cgroup or CgroupIo()
         if capacity_bytes is not None and capacity_bytes <= 0:
             raise ValueError(f"hostpath capacity must be positive, got {capacity_bytes}")
         root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
@@ -115,13 +133,14 @@ class HostPathBackend:
                 if not is_real_dir(directory):
                     raise RuntimeError(f"{directory} must be a directory, not a link or file")
             mount = fsinfo.mount_of(self.root)
-            limits = DirectoryLimits.of(runner, self.root, self._layout.volumes_dir, mount)
+            limits = DirectoryLimits.of(self.root, mount)
             self._limits = limits
             self._volumes = Volumes(self._root, limits, mount.fs_type)
             self._snapshots = Snapshots(self._root)
             self._attachments = Attachments(self._root, self._volumes)
             self._recovery = Recovery(self._root, self._volumes, self._snapshots, limits)
             self._recovery.run()
+            self._recovery.start_applying_limits()
             self._recovery.start_finishing_deletions()
         except BaseException:
             store.close()
@@ -134,7 +153,8 @@ class HostPathBackend:
         self._store.close()
 
     def wait_for_background(self, timeout: float | None = None) -> bool:
-        """Wait until the interrupted deletions found at start are finished; False on timeout."""
+        """Wait until the size limits and the interrupted deletions found at start are done;
+        False on timeout."""
         return self._recovery.wait(timeout)
 
     # --- simple answers ----------------------------------------------------------------------
@@ -187,6 +207,8 @@ class HostPathBackend:
         return self._volumes.ready_after(after, limit)
 
     def create_volume(self, spec: VolumeSpec) -> Volume:
+        directory = spec.access_type is AccessType.MOUNT
+        mutable.check_io_limits(spec.parameters, self._cgroup.problem(), directory=directory)
         return self._volumes.create(spec)
 
     def delete_volume(self, volume_id: str) -> None:
@@ -196,6 +218,9 @@ class HostPathBackend:
         return self._volumes.expand(volume_id, size_bytes)
 
     def modify_volume(self, volume_id: str, changes: Mapping[str, str]) -> Volume:
+        row = self._volumes.ready(volume_id)
+        directory = row.access_type is AccessType.MOUNT
+        mutable.check_io_limits(changes, self._cgroup.problem(), directory=directory)
         return self._volumes.modify(volume_id, changes)
 
     def set_published(self, volume_id: str, node_id: str, published: bool) -> None:
@@ -203,6 +228,15 @@ class HostPathBackend:
 
     def volume_condition(self, volume_id: str) -> VolumeCondition:
         return self._volumes.condition(volume_id)
+
+    def volume_usage(self, volume_id: str) -> Usage | None:
+        """A directory volume's usage from its project quota, or from a walk (limits.py)."""
+        row = self._volumes.ready(volume_id)
+        if row.access_type is not AccessType.MOUNT:
+            return None
+        path = self._layout.volume(row.local_id)
+        with system_errors(f"read the usage of volume {volume_id!r}"):
+            return self._limits.usage(path, row)
 
     # --- snapshots ---------------------------------------------------------------------------
 

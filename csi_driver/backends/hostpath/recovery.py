@@ -1,7 +1,13 @@
 """What a start finds of a killed predecessor, and how it is finished (the crash model is in
 backend.py): a lost database refused, unfinished creations rolled back, interrupted snapshot
-deletions finished, storage no row describes removed, missing size limits applied, and
-interrupted volume deletions finished in a background thread.
+deletions finished, storage no row describes removed; then, each in a background thread,
+size limits applied (a root remounted with ``prjquota``, an assignment cut short) and
+interrupted volume deletions finished.
+
+Applying a limit walks the volume's whole tree, whose size its tenant chose: done before the
+driver serves, it could hold a start past its liveness probe. So it runs in the background,
+one volume at a time under that volume's lock (an RPC on it waits meanwhile), and until a
+volume's turn is over its condition is abnormal and says why (limits.py).
 
 One volume that cannot be cleaned up must not keep the driver (and every other volume)
 down: it is logged and left for the next start or its DeleteVolume.
@@ -71,6 +77,8 @@ class Recovery:
         self._limits = limits
         self._stopping = threading.Event()
         self._background: threading.Thread | None = None
+        self._applying: threading.Thread | None = None
+        self._to_limit: list[str] = []
 
     def run(self) -> None:
         """Finish what a killed predecessor left half done; O(volumes), once per start.
@@ -95,9 +103,12 @@ class Recovery:
             {s.local_id for s in self._store.snapshots()},
         )
         if self._limits.enforced:
-            for row in volumes.values():
-                if row.state is State.READY and row.access_type is AccessType.MOUNT:
-                    self._limits.ensure(self._layout.volume(row.local_id), row)
+            self._to_limit = [
+                row.local_id
+                for row in volumes.values()
+                if row.state is State.READY and row.access_type is AccessType.MOUNT
+            ]
+            self._limits.will_ensure(self._to_limit)
 
     def _sweep(self, directory: Path, grammar: re.Pattern[str], known: set[str]) -> None:
         for entry in os.scandir(directory):
@@ -109,6 +120,34 @@ class Recovery:
                 continue
             log.warning(f"removing {path}: storage without a volume or snapshot (leaked)")
             _logged(functools.partial(self._volumes.remove_leaked, path))
+
+    # --- size limits, in the background ------------------------------------------------------
+
+    def start_applying_limits(self) -> None:
+        """Apply the limits of the volumes :meth:`run` found, in a background thread."""
+        if not self._to_limit:
+            return
+        self._applying = threading.Thread(
+            target=self._apply_limits,
+            args=(self._to_limit,),
+            name="hostpath-size-limits",
+            daemon=True,
+        )
+        self._applying.start()
+
+    def _apply_limits(self, locals_: list[str]) -> None:
+        for local in locals_:
+            try:
+                if self._stopping.is_set():
+                    return  # the next start applies what is left
+                with self._root.keys.hold(local):
+                    row = self._store.volume(local)
+                    if row is not None and row.state is State.READY:
+                        self._limits.ensure(self._layout.volume(local), row, self._stopping.is_set)
+            except Exception:
+                log.exception("cannot apply a size limit", extra={"local": local})
+            finally:
+                self._limits.ensured(local)
 
     # --- interrupted volume deletions, in the background -------------------------------------
 
@@ -154,14 +193,19 @@ class Recovery:
                 self._root.background_done(local)
 
     def stop(self) -> None:
-        """Stop a background deletion at its next chunk (the next start finishes it)."""
+        """Stop a background deletion at its next chunk and an assignment of a project within
+        a few hundred entries (the next start finishes both)."""
         self._stopping.set()
-        if self._background is not None:
-            self._background.join()
+        for thread in (self._applying, self._background):
+            if thread is not None:
+                thread.join()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the interrupted deletions found at start are finished; False on timeout."""
-        if self._background is not None:
-            self._background.join(timeout)
-            return not self._background.is_alive()
+        """Wait until the size limits and the interrupted deletions found at start are
+        done; False on timeout."""
+        for thread in (self._applying, self._background):
+            if thread is not None:
+                thread.join(timeout)
+                if thread.is_alive():
+                    return False
         return True

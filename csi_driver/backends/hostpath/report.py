@@ -6,11 +6,12 @@ budget is the configured capacity or the filesystem's size, ``allocated`` is the
 the database keeps, and what is available is the budget not promised yet, never more than the
 filesystem has free. Reading them costs a ``statvfs`` and two small queries.
 
-A directory volume's usage can be told apart from its neighbours' only where XFS project
-quotas enforce its size: ``statvfs`` of its directory then answers with the project's limit
-and use, which is what NodeGetVolumeStats reads through the volume's bind mount. Elsewhere
-every volume would show the whole root's filesystem, so none is reported; block volumes are
-images, whose usage inside is the node's business, not a ``statvfs``'s.
+A directory volume's usage can be told apart from its neighbours' by a ``statvfs`` only where
+XFS or ext4 project quotas enforce its size: ``statvfs`` of its directory then answers with
+the project's limit and use. Elsewhere every volume would show the whole root's filesystem,
+so none is reported (NodeGetVolumeStats walks such a volume instead, limits.py: too dear for
+every scrape); block volumes are images, whose usage inside is the node's business, not a
+``statvfs``'s.
 """
 
 from __future__ import annotations

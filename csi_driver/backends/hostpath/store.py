@@ -43,6 +43,11 @@ from csi_driver.system.failure import SystemFailure
 SCHEMA_VERSION = 1
 #: project ids are handed out from here up; small numbers are left to the host's admin
 FIRST_PROJECT_ID = 1_000_000
+#: the kubelet's own project ids (its fsquota for emptyDir: counted up from 2**20 + 1) are
+#: stepped over: after FIRST_PROJECT_ID's 48,577 ids the next ones come from 2**31 up
+KUBELET_PROJECT_IDS = range(2**20 + 1, 2**31)
+#: ids in use on the filesystem skipped at most, one allocation
+MAX_PROJECT_ID_SKIPS = 1000
 
 _SCHEMA = """
 CREATE TABLE volumes (
@@ -152,6 +157,22 @@ _INSERT_SNAPSHOT = (
     "INSERT INTO snapshots (local_id, name, state, source_volume_id, access_type,"
     " size_bytes, created_ns) VALUES (?,?,?,?,?,?,?)"
 )
+
+
+def _free_project_id(candidate: int, taken: Callable[[int], bool] | None) -> int:
+    start = candidate
+    for _ in range(MAX_PROJECT_ID_SKIPS):
+        if candidate in KUBELET_PROJECT_IDS:
+            candidate = KUBELET_PROJECT_IDS.stop
+        if candidate > 2**32 - 2:
+            break
+        if taken is None or not taken(candidate):
+            return candidate
+        candidate += 1
+    raise StoreError(
+        f"no free project id: {MAX_PROJECT_ID_SKIPS} ids from {start} are in use on the"
+        " filesystem (by another root on it, or set by hand); free some or use another one"
+    )
 
 
 def _volume(row: tuple[object, ...]) -> VolumeRow:
@@ -354,17 +375,26 @@ class Store:
         return [_volume(r) for r in self._query(_SELECT_VOLUMES + where, args)]
 
     def insert_volume(
-        self, row: VolumeRow, *, with_project_id: bool, durable: bool = True
+        self,
+        row: VolumeRow,
+        *,
+        with_project_id: bool,
+        durable: bool = True,
+        project_taken: Callable[[int], bool] | None = None,
     ) -> VolumeRow:
         """Insert a new row; with ``with_project_id`` it gets a project id no other volume
-        has (one past the highest in use: an index lookup, not a scan). With ``durable``
-        false it returns once committed (seen by every later read), and the caller calls
-        :meth:`make_durable` before it acts on the row: outside a lock it holds, say."""
+        has (one past the highest in use: an index lookup, not a scan), outside the
+        kubelet's ids, and not one ``project_taken`` says the filesystem uses already
+        (another root on it, the admin). With ``durable`` false it returns once committed
+        (seen by every later read), and the caller calls :meth:`make_durable` before it
+        acts on the row: outside a lock it holds, say."""
         with self._transaction(durable=durable) as cur:
             project_id = None
             if with_project_id:
                 top = cur.execute("SELECT MAX(project_id) FROM volumes").fetchone()[0]
-                project_id = FIRST_PROJECT_ID if top is None else int(top) + 1
+                project_id = _free_project_id(
+                    FIRST_PROJECT_ID if top is None else int(top) + 1, project_taken
+                )
             cur.execute(
                 _INSERT_VOLUME,
                 (

@@ -211,7 +211,10 @@ class Volumes:
             with self._root.alloc:
                 self._root.reserve(wanted.capacity_bytes, f"volume {spec.name!r}")
                 row = self._store.insert_volume(
-                    wanted, with_project_id=wanted.access_type is AccessType.MOUNT, durable=False
+                    wanted,
+                    with_project_id=wanted.access_type is AccessType.MOUNT,
+                    durable=False,
+                    project_taken=self._limits.project_taken,
                 )
             # the row on disk before the storage is touched; other creates need not wait
             self._store.make_durable()

@@ -58,10 +58,12 @@ from csi_driver.model import (
     Parameters,
     Snapshot,
     StorageReport,
+    Usage,
     Volume,
     VolumeCondition,
     VolumeSpec,
 )
+from csi_driver.system.cgroup_io import CgroupIo
 from csi_driver.system.mounter import MOUNTINFO
 from csi_driver.system.runner import Runner
 from csi_driver.units import round_up
@@ -88,7 +90,10 @@ class LvmBackend:
         udev_sync: bool = True,
         mountinfo: str = MOUNTINFO,
         thin_pool_threshold: float = DEFAULT_THIN_POOL_THRESHOLD,
+        cgroup: CgroupIo | None = None,
     ) -> None:
+        #: where IO limits would be enforced; a volume with limits needs it (mutable.py)
+        self._cgroup = cgroup or CgroupIo()
         self._inv = inv = Inventory(
             classes, node_id, runner, Lvm2(runner, udev_sync=udev_sync), mountinfo
         )
@@ -158,6 +163,7 @@ class LvmBackend:
         return listed_after(self._volumes.all_ready(), lambda v: v.id, after, limit)
 
     def create_volume(self, spec: VolumeSpec) -> Volume:
+        mutable.check_io_limits(spec.parameters, self._cgroup.problem())
         return self._volumes.create(spec)
 
     def delete_volume(self, volume_id: str) -> None:
@@ -167,6 +173,7 @@ class LvmBackend:
         return self._volumes.expand(volume_id, size_bytes)
 
     def modify_volume(self, volume_id: str, changes: Mapping[str, str]) -> Volume:
+        mutable.check_io_limits(changes, self._cgroup.problem())
         return self._volumes.modify(volume_id, changes)
 
     def set_published(self, volume_id: str, node_id: str, published: bool) -> None:
@@ -174,6 +181,9 @@ class LvmBackend:
 
     def volume_condition(self, volume_id: str) -> VolumeCondition:
         return self._volumes.condition(volume_id)
+
+    def volume_usage(self, volume_id: str) -> Usage | None:
+        return None  # an LV's filesystem is the volume's own
 
     # --- snapshots ---------------------------------------------------------------------------
 

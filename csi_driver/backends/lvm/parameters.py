@@ -33,6 +33,10 @@ PARAMETERS: Mapping[str, str] = MappingProxyType(
         "stripeSize": "striped: stripe size, a power of two of at least 4Ki (default lvm2's)",
         "mirrors": "raid1: number of extra copies, 1 to 4 (default 1)",
         "wipeOnDelete": "true: discard (thin) or zero (thick) the LV before removing it",
+        **{
+            key: "an IO limit of the LV in the Pod's cgroup (docs/io-limits.md)"
+            for key in mutable.IO_LIMIT_PARAMETERS
+        },
     }
 )
 FS_TYPES = ("ext4", "xfs")
