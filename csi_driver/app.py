@@ -20,6 +20,7 @@ from csi_driver.model import StorageReport
 from csi_driver.proto import csi_pb2_grpc
 from csi_driver.server import Registration, Server
 from csi_driver.storage_metrics import StorageCollector
+from csi_driver.system.cgroup_io import CgroupIo
 from csi_driver.system.runner import SubprocessRunner
 
 if TYPE_CHECKING:
@@ -95,7 +96,9 @@ def build(config: Config) -> Driver:
 
     metrics = Metrics()
     runner = SubprocessRunner(observer=metrics.observe_command)
-    backend = build_backend(config, runner) if config.mode.owns_volumes else None
+    #: the one view of the Pods' cgroups (IO limits), for the backend and the node service
+    cgroup = CgroupIo(str(config.cgroup_root))
+    backend = build_backend(config, runner, cgroup) if config.mode.owns_volumes else None
     locks = KeyLocks()
 
     checks: list[Callable[[], str | None]] = []
@@ -111,7 +114,7 @@ def build(config: Config) -> Driver:
         from csi_driver.system.filesystem import Filesystems
         from csi_driver.system.mounter import Mounter
 
-        node = NodeServicer(config, backend, locks, Mounter(), Filesystems(runner))
+        node = NodeServicer(config, backend, locks, Mounter(), Filesystems(runner), cgroup=cgroup)
         controller.after_modify = node.io_limits.reapply
         checks.append(node.health)
         registrations.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))

@@ -155,6 +155,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         DEFAULT_KUBELET_DIR,
     )
     add(
+        "--cgroup-root",
+        "where the cgroup v2 hierarchy is mounted (the Pods' cgroups, for IO limits)",
+        "/sys/fs/cgroup",
+    )
+    add(
         "--peer-tls-dir",
         "node and controller mode: directory with ca.crt, tls.crt and tls.key of the"
         " controller-to-node channel that carries ControllerModifyVolume (off when empty)",
@@ -279,6 +284,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
             max_volumes_per_node=args.max_volumes_per_node,
             grace_period=args.grace_period,
             kubelet_dir=Path(os.path.normpath(os.path.abspath(args.kubelet_dir))),
+            cgroup_root=Path(os.path.normpath(os.path.abspath(args.cgroup_root))),
             peer=PeerConfig(
                 tls_dir=Path(args.peer_tls_dir),
                 listen=host_port(args.peer_listen, "--peer-listen") if args.peer_listen else None,

@@ -11,18 +11,30 @@ failed=()
 start_all=$(date +%s)
 bg_pid=""
 
+# descendants PID: every process below PID, children first.
+descendants() {
+    local child
+    for child in $(pgrep -P "$1" 2>/dev/null); do
+        descendants "$child"
+        echo "$child"
+    done
+}
+
 # A lane run in the background is stopped with the run (launch.py takes the VM down on SIGTERM),
-# and what it printed so far is shown.
+# and what it printed so far is shown; so is a lane in the foreground when the run is stopped.
 stop_background() {
     if [ -n "$bg_pid" ] && kill -0 "$bg_pid" 2>/dev/null; then
-        pkill -TERM -P "$bg_pid" 2>/dev/null || true
+        kill -TERM $(descendants "$bg_pid") 2>/dev/null || true
         wait "$bg_pid" 2>/dev/null || true
         say "the background lane was stopped; its output so far:"
         cat "$results/background.log" >&2 || true
     fi
+    kill -TERM $(descendants $$) 2>/dev/null || true
     rm -rf "$results"
 }
 trap stop_background EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
 
 run_lane() {
     local name=$1; shift

@@ -93,12 +93,13 @@ class Alert:
 
 @dataclass
 class Prometheus:
-    """``prometheus`` scraping ``targets`` (address -> the node plugin's node name) every
-    second and evaluating ``rules`` every second; a context manager."""
+    """``prometheus`` scraping ``targets`` (address -> the node plugin's node name) and
+    evaluating ``rules`` every ``interval`` (a scrape may take as long); a context manager."""
 
     workdir: Path
     rules: Path
     targets: Mapping[str, str]
+    interval: str = "1s"
     port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -115,12 +116,12 @@ class Prometheus:
 
     def config(self) -> dict[str, Any]:
         return {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval},
             "rule_files": [str(self.rules)],
             "scrape_configs": [
                 {
                     "job_name": JOB,
-                    "scrape_timeout": "1s",
+                    "scrape_timeout": self.interval,
                     "static_configs": [
                         {
                             "targets": [address],
@@ -244,6 +245,8 @@ class Prometheus:
         )
 
     def _scrape_count(self) -> int:
+        """Scrapes tried so far, of all targets, whether they worked or not (a stopped
+        target's count goes on): what a caller waits for is in ``until``."""
         samples = self.query(f'count_over_time(up{{job="{JOB}"}}[1h])')
         return sum(int(float(s["value"][1])) for s in samples)
 

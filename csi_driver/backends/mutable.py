@@ -32,7 +32,7 @@ from csi_driver.model import (
     frozen_map,
 )
 from csi_driver.model import WIPE_ON_DELETE as WIPE_ON_DELETE
-from csi_driver.system.cgroup_io import LIMIT_MAX, LIMIT_MIN, IoLimits
+from csi_driver.system.cgroup_io import IOPS_MAX, LIMIT_MAX, LIMIT_MIN, IoLimits
 
 #: no limit, as io.max writes it
 UNLIMITED = "max"
@@ -87,10 +87,11 @@ def io_value(key: str, value: str) -> str:
         raise InvalidArgument(
             f"{key} {bounded.echo(value)} is not {unit} (or {UNLIMITED!r} for no limit)"
         ) from None
-    if not LIMIT_MIN <= number <= LIMIT_MAX:
+    highest = LIMIT_MAX if key in _BYTES_KEYS else IOPS_MAX
+    if not LIMIT_MIN <= number <= highest:
         raise InvalidArgument(
             f"{key} {bounded.echo(value)} is out of range: the kernel's io.max takes"
-            f" {LIMIT_MIN} to {LIMIT_MAX}, or {UNLIMITED!r} for no limit"
+            f" {LIMIT_MIN} to {highest}, or {UNLIMITED!r} for no limit"
         )
     return str(number)
 

@@ -234,6 +234,8 @@ class Config:
     grace_period: float = 10.0
     #: staging and target paths must lie strictly below this directory (never a symlink on the way)
     kubelet_dir: Path = Path("/var/lib/kubelet")
+    #: where the cgroup v2 hierarchy is mounted: the Pods' cgroups for IO limits
+    cgroup_root: Path = Path("/sys/fs/cgroup")
     #: the controller-to-node channel (node and controller mode, when the chart enables it)
     peer: PeerConfig | None = None
     #: the opt-in reconcilers (docs/operations.md)
@@ -253,6 +255,8 @@ class Config:
             raise ValueError(
                 f"kubelet dir {str(self.kubelet_dir)!r} must be an absolute directory other than /"
             )
+        if not self.cgroup_root.is_absolute():
+            raise ValueError(f"cgroup root {str(self.cgroup_root)!r} must be an absolute path")
         check_node_id(self.node_id)
         if self.metrics_address is not None:
             split_host_port(self.metrics_address, "--metrics-address")

@@ -366,11 +366,18 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                         " NodeStageVolume first"
                     )
                 attachment = self._backend.attach(volume_id)
+                # refusals come before the mount, which the kubelet would never unpublish
+                pod_cgroup = self.io_limits.check(volume, attachment, target.path, context_map)
                 if cap.access_type is model.AccessType.BLOCK:
                     self._block.publish(volume, cap, attachment, staging, target, read_only)
                 else:
                     self.publish_mount(volume, cap, attachment, staging, target, read_only)
-                self.io_limits.publish(volume, attachment, target.path, context_map)
+                if pod_cgroup is not None:
+                    try:
+                        self.io_limits.publish(volume, attachment, pod_cgroup)
+                    except FailedPrecondition:
+                        self.unpublish(volume, attachment, target)
+                        raise
             reach("publish.done")
         log.info("published", extra={"volume_id": volume_id, "target_path": path})
         return csi_pb2.NodePublishVolumeResponse()
@@ -447,7 +454,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 if target is not None:
                     self.unpublish(volume, attachment, target)
             # after the unmount, from the path alone: also the retry after a kill in between
-            self.io_limits.unpublish(attachment, path)
+            self.io_limits.unpublish(volume, attachment, path)
         log.info("unpublished", extra={"volume_id": volume_id, "target_path": path})
         return csi_pb2.NodeUnpublishVolumeResponse()
 

@@ -72,17 +72,20 @@ class NodeIoLimits:
         self._kubelet_dir = kubelet_dir
         self.cgroup = cgroup
 
-    def publish(
+    def check(
         self,
         volume: model.Volume,
         attachment: model.Attachment,
         target_path: str,
         volume_context: dict[str, str],
-    ) -> None:
-        """Set the volume's limits for the Pod of this publication (nothing without limits)."""
+    ) -> str | None:
+        """Before a publication is made: the cgroup of the Pod its limits go to (None when
+        the volume has no limits). Everything that can refuse the publication is checked
+        here, so that a refusal leaves no mount behind that the kubelet would never
+        unpublish."""
         limits = mutable.io_limits(volume.parameters)
         if not limits.any:
-            return
+            return None
         uid = volume_context.get(POD_UID_KEY, "")
         if not uid:
             raise FailedPrecondition(
@@ -97,10 +100,21 @@ class NodeIoLimits:
                 f" is not the kubelet's path for pod {uid} (pods/<uid>/volumes/... or"
                 " .../volumeDevices/publish/<pv>/<uid>), where unpublishing would find it again"
             )
-        self._apply(volume, attachment, uid, limits)
+        return self._pod_cgroup(volume, attachment, uid)
 
-    def unpublish(self, attachment: model.Attachment | None, target_path: str) -> None:
-        """Remove the line of the volume's device from the Pod of ``target_path``, if any."""
+    def publish(self, volume: model.Volume, attachment: model.Attachment, cgroup: str) -> None:
+        """Once the publication is made: set the volume's limits in the Pod's ``cgroup``
+        (from :meth:`check`)."""
+        self._write(volume, attachment, cgroup, mutable.io_limits(volume.parameters))
+
+    def unpublish(
+        self, volume: model.Volume, attachment: model.Attachment | None, target_path: str
+    ) -> None:
+        """Remove the line of the volume's device from the Pod of ``target_path``; only for a
+        volume with limits (a line on a device of a volume without them is not this
+        driver's: a modification to no limit removed its own)."""
+        if not mutable.io_limits(volume.parameters).any:
+            return
         uid = pod_of_target(self._kubelet_dir, target_path)
         if uid is None or attachment is None or self.cgroup.problem() is not None:
             return
@@ -114,29 +128,41 @@ class NodeIoLimits:
             log.warning(f"IO limits of pod {uid} left in place: {exc}")
 
     def reapply(self, volume: model.Volume) -> None:
-        """After a modification: the volume's limits, now, for every Pod it is published to."""
+        """After a modification: the volume's limits, now, for every Pod it is published to.
+        A publication whose Pod has no cgroup any more (it ended; the kubelet has not
+        unpublished yet) is skipped: the stored change holds for the next publication."""
         attachment = self._backend.locate(volume.id)
         if attachment is None or attachment.kind is not model.AttachmentKind.BLOCK_DEVICE:
             return
         limits = mutable.io_limits(volume.parameters)
-        if not limits.any and self.cgroup.problem() is not None:
+        problem = self.cgroup.problem()
+        if problem is not None:
+            if limits.any:
+                raise FailedPrecondition(f"volume {volume.id!r} has IO limits, but {problem}")
             return
         if volume.access_type is model.AccessType.BLOCK:
             key = self._volumes.device_node_key(os.path.realpath(attachment.path))
         else:
             key = self._volumes.source_key(attachment)
+        device = block_device(attachment.path)
         for path in self._volumes.publications(key, []):
             uid = pod_of_target(self._kubelet_dir, path)
             if uid is None:
                 continue
-            if limits.any:
-                self._apply(volume, attachment, uid, limits)
-            else:
-                self.unpublish(attachment, path)
+            try:
+                cgroup = self.cgroup.pod_cgroup(uid)
+                if cgroup is None:
+                    log.info(f"pod {uid} of {path} has no cgroup any more: its IO limits skipped")
+                elif limits.any:
+                    self._write(volume, attachment, cgroup, limits)
+                else:
+                    self.cgroup.clear(cgroup, device)
+            except (CgroupError, OSError) as exc:
+                raise FailedPrecondition(
+                    f"the IO limits of volume {volume.id!r} cannot be set for pod {uid}: {exc}"
+                ) from exc
 
-    def _apply(
-        self, volume: model.Volume, attachment: model.Attachment, uid: str, limits: IoLimits
-    ) -> None:
+    def _pod_cgroup(self, volume: model.Volume, attachment: model.Attachment, uid: str) -> str:
         problem = self.cgroup.problem()
         if problem is not None:
             raise FailedPrecondition(f"volume {volume.id!r} has IO limits, but {problem}")
@@ -145,22 +171,33 @@ class NodeIoLimits:
                 f"volume {volume.id!r} has IO limits but no block device of its own"
             )
         try:
+            block_device(attachment.path)
             cgroup = self.cgroup.pod_cgroup(uid)
-            if cgroup is None:
-                raise FailedPrecondition(
-                    f"no cgroup of pod {uid} below {self.cgroup.root} (kubepods.slice/... or"
-                    " kubepods/...) to set the IO limits of volume"
-                    f" {volume.id!r} in; is it running on this node?"
-                )
-            device = block_device(attachment.path)
-            self.cgroup.set_limits(cgroup, device, limits)
         except (CgroupError, OSError) as exc:
             raise FailedPrecondition(
                 f"the IO limits of volume {volume.id!r} cannot be set for pod {uid}: {exc}"
             ) from exc
+        if cgroup is None:
+            raise FailedPrecondition(
+                f"no cgroup of pod {uid} below {self.cgroup.root} (kubepods.slice/... or"
+                f" kubepods/...) to set the IO limits of volume {volume.id!r} in; is it running"
+                " on this node?"
+            )
+        return cgroup
+
+    def _write(
+        self, volume: model.Volume, attachment: model.Attachment, cgroup: str, limits: IoLimits
+    ) -> None:
+        try:
+            device = block_device(attachment.path)
+            self.cgroup.set_limits(cgroup, device, limits)
+        except (CgroupError, OSError) as exc:
+            raise FailedPrecondition(
+                f"the IO limits of volume {volume.id!r} cannot be set in {cgroup}: {exc}"
+            ) from exc
         log.info(
             "set IO limits",
-            extra={"volume_id": volume.id, "pod_uid": uid, "io_max": limits.line(device)},
+            extra={"volume_id": volume.id, "cgroup": str(cgroup), "io_max": limits.line(device)},
         )
 
 

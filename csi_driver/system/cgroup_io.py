@@ -35,9 +35,11 @@ from dataclasses import dataclass
 DEFAULT_ROOT = "/sys/fs/cgroup"
 #: the four keys of an io.max line, in the kernel's order
 KEYS = ("rbps", "wbps", "riops", "wiops")
-#: the kernel reads each value as an unsigned 64-bit number, and takes U64_MAX as "max"
+#: the kernel reads each value as an unsigned 64-bit number and takes U64_MAX as "max"; IOs per
+#: second it clamps to 32 bits, where UINT_MAX is "max" again
 LIMIT_MAX = 2**64 - 2
-#: the kernel ignores a value of 0 or 1 (it keeps the old limit): refuse them
+IOPS_MAX = 2**32 - 2
+#: 0 is refused by the kernel (ERANGE) and 1 by older kernels: refuse both here
 LIMIT_MIN = 2
 #: bounds of the walk for a Pod's cgroup below a kubelet --cgroup-root
 WALK_DEPTH = 4

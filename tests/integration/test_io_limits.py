@@ -1,7 +1,8 @@
-"""IO limits on this host, through the real driver process (hostpath backend): where the host
-cannot enforce them (this host: cgroup v1, no io controller), a volume asking for them is
-refused with INVALID_ARGUMENT and a message saying why, and nothing is made or changed. The
-enforcement itself is in the VM lane (tests/vm/test_io_limits.py), whose kernel has cgroup v2.
+"""IO limits through the real driver process (hostpath backend) on a node that cannot enforce
+them: a volume asking for them is refused with INVALID_ARGUMENT and a message saying why, and
+nothing is made or changed. The node is told so by ``--cgroup-root``: a cgroup v2 root whose
+controllers lack io, whatever the host has. The enforcement itself is in the VM lane
+(tests/vm/test_io_limits.py), whose kernel has cgroup v2 with the io controller.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,8 +23,31 @@ from tests.requests import block_cap, create_request
 
 pytestmark = pytest.mark.root
 
-HOST_PROBLEM = CgroupIo().problem()
 LIMIT = {"writeBytesPerSecond": "4Mi"}
+
+
+@pytest.fixture
+def driver(workdir: Path) -> Iterator[DriverProcess]:
+    d = DriverProcess(workdir, extra_args=["--cgroup-root", str(_no_io_root(workdir))])
+    try:
+        d.start()
+        yield d
+    finally:
+        d.stop()
+    assert all(code == 0 for code in d.exits), d.log_tail()
+
+
+def _no_io_root(workdir: Path) -> Path:
+    root = workdir / "cgroup"
+    root.mkdir(exist_ok=True)
+    (root / "cgroup.controllers").write_text("cpuset cpu memory pids\n")
+    return root
+
+
+def _problem(driver: DriverProcess) -> str:
+    problem = CgroupIo(str(_no_io_root(driver.workdir))).problem()
+    assert problem is not None and "io controller is not available" in problem
+    return problem
 
 
 def _refusal(call: object) -> tuple[grpc.StatusCode, str]:
@@ -54,14 +80,6 @@ def _parameters(driver: DriverProcess) -> list[str]:
         return [row[0] for row in db.execute("SELECT parameters FROM volumes")]
 
 
-def test_the_host_is_what_this_lane_expects() -> None:
-    """The refusals below are this host's; a host with cgroup v2 io runs the VM lane's test."""
-    assert HOST_PROBLEM is not None, "this lane's host is expected to lack the cgroup v2 io"
-    assert "no cgroup v2 hierarchy at /sys/fs/cgroup" in HOST_PROBLEM or "io controller" in (
-        HOST_PROBLEM
-    )
-
-
 @pytest.mark.parametrize("where", ["parameters", "mutable_parameters"])
 def test_a_block_volume_with_limits_is_refused_and_nothing_is_made(
     driver: DriverProcess, csi: Csi, where: str
@@ -71,7 +89,7 @@ def test_a_block_volume_with_limits_is_refused_and_nothing_is_made(
     code, message = _refusal(lambda: csi.controller.CreateVolume(request))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert message == (
-        f"IO limits (writeBytesPerSecond) cannot be enforced: {HOST_PROBLEM}; use a node with"
+        f"IO limits (writeBytesPerSecond) cannot be enforced: {_problem(driver)}; use a node with"
         " cgroup v2 and the io controller, or drop the IO limits"
     )
     assert _stored(driver) == before
@@ -108,7 +126,7 @@ def test_a_modification_adding_limits_is_refused_and_changes_nothing(
         code, message = _refusal(lambda: csi.controller.ControllerModifyVolume(modify))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert message == (
-            f"IO limits (writeIOPerSecond) cannot be enforced: {HOST_PROBLEM}; use a node with"
+            f"IO limits (writeIOPerSecond) cannot be enforced: {_problem(driver)}; use a node with"
             " cgroup v2 and the io controller, or drop the IO limits"
         )
         assert _parameters(driver) == ["{}"]  # wipeOnDelete was not stored either

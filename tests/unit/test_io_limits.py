@@ -17,6 +17,7 @@ from csi_driver.backends import mutable
 from csi_driver.errors import FailedPrecondition, InvalidArgument
 from csi_driver.services.node_io_limits import POD_UID_KEY, NodeIoLimits, pod_of_target
 from csi_driver.system.cgroup_io import (
+    IOPS_MAX,
     LIMIT_MAX,
     CgroupError,
     CgroupIo,
@@ -45,7 +46,8 @@ BLOCK_TARGET = f"{KUBELET}/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-1
         ("readIOPerSecond", " 7 ", "7"),
         ("writeBytesPerSecond", "max", "max"),
         ("readIOPerSecond", "MAX", "max"),
-        ("writeIOPerSecond", str(LIMIT_MAX), str(LIMIT_MAX)),
+        ("writeBytesPerSecond", str(LIMIT_MAX), str(LIMIT_MAX)),
+        ("writeIOPerSecond", str(IOPS_MAX), str(IOPS_MAX)),
     ],
 )
 def test_limits_are_normalised(key: str, value: str, stored: str) -> None:
@@ -67,7 +69,8 @@ def test_limits_are_normalised(key: str, value: str, stored: str) -> None:
         ("readBytesPerSecond", "16Ei", "is not a byte quantity"),  # no such suffix
         ("readBytesPerSecond", "99999999999999999999", "is out of range"),
         ("readBytesPerSecond", "20000Pi", "is out of range"),
-        ("readIOPerSecond", str(LIMIT_MAX + 1), "is out of range"),
+        ("readIOPerSecond", str(IOPS_MAX + 1), "is out of range"),  # the kernel clamps to 32 bits
+        ("readBytesPerSecond", str(LIMIT_MAX + 1), "is out of range"),
     ],
 )
 def test_bad_limits_are_refused_with_a_clear_message(key: str, value: str, says: str) -> None:
@@ -253,14 +256,6 @@ def test_the_host_problem_is_stated(tmp_path: Path) -> None:
     assert cg.problem() is None
 
 
-def test_this_host_has_no_cgroup_v2_io() -> None:
-    """The host lanes rely on it (tests/integration/test_io_limits.py); the VM has it."""
-    if os.environ.get("CSI_VM_LANE") == "1":
-        assert CgroupIo().problem() is None
-    else:
-        assert CgroupIo().problem() is not None
-
-
 # --- the Pod of a target path, and the node's refusals ------------------------------------------
 
 
@@ -298,10 +293,13 @@ def _node(cgroup_root: Path) -> NodeIoLimits:
 
 
 ATTACHMENT = model.Attachment(model.AttachmentKind.BLOCK_DEVICE, "/dev/null")
+#: a block device every host with loop devices has (its node, not a device in use)
+LOOP = model.Attachment(model.AttachmentKind.BLOCK_DEVICE, "/dev/loop0")
+LOOP_DEVICE = (7, 0)
 
 
 def test_publish_without_limits_touches_nothing(tmp_path: Path) -> None:
-    _node(tmp_path / "absent").publish(_volume({}), ATTACHMENT, "/anywhere", {})
+    assert _node(tmp_path / "absent").check(_volume({}), ATTACHMENT, "/anywhere", {}) is None
 
 
 @pytest.mark.parametrize(
@@ -319,32 +317,56 @@ def test_publish_refuses_what_it_cannot_enforce(
 ) -> None:
     volume = _volume({"writeBytesPerSecond": "4194304"})
     with pytest.raises(error, match=says):
-        _node(tmp_path).publish(volume, ATTACHMENT, target, context)
+        _node(tmp_path).check(volume, ATTACHMENT, target, context)
 
 
 def test_publish_refuses_a_pod_without_a_cgroup_here(tmp_path: Path) -> None:
     (tmp_path / "cgroup.controllers").write_text("io memory\n")
     volume = _volume({"writeBytesPerSecond": "4194304"})
     with pytest.raises(FailedPrecondition, match=f"no cgroup of pod {UID}"):
-        _node(tmp_path).publish(volume, ATTACHMENT, BLOCK_TARGET, {POD_UID_KEY: UID})
+        _node(tmp_path).check(volume, LOOP, BLOCK_TARGET, {POD_UID_KEY: UID})
 
 
-def test_publish_refuses_a_device_that_is_no_block_device(tmp_path: Path) -> None:
+def test_publish_refuses_a_device_that_is_no_block_device_before_any_mount(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "cgroup.controllers").write_text("io memory\n")
     tree(tmp_path, "kubepods", f"pod{UID}")
     volume = _volume({"writeBytesPerSecond": "4194304"})
     with pytest.raises(FailedPrecondition, match="/dev/null is not a block device"):
-        _node(tmp_path).publish(volume, ATTACHMENT, BLOCK_TARGET, {POD_UID_KEY: UID})
+        _node(tmp_path).check(volume, ATTACHMENT, BLOCK_TARGET, {POD_UID_KEY: UID})
     assert (tmp_path / "kubepods" / f"pod{UID}" / "io.max").read_text() == ""
+
+
+def test_the_pod_cgroup_checked_before_the_mount_is_where_the_line_goes(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("io memory\n")
+    tree(tmp_path, "kubepods", f"pod{UID}")
+    volume = _volume({"writeBytesPerSecond": "4194304"})
+    cgroup = _node(tmp_path).check(volume, LOOP, BLOCK_TARGET, {POD_UID_KEY: UID})
+    assert cgroup == str(tmp_path / "kubepods" / f"pod{UID}")
 
 
 def test_unpublish_without_a_cgroup_or_a_pod_path_is_a_quiet_no_op(tmp_path: Path) -> None:
     node = _node(tmp_path)
-    node.unpublish(ATTACHMENT, BLOCK_TARGET)  # no cgroup v2 here
+    limited = _volume({"writeBytesPerSecond": "4194304"})
+    node.unpublish(limited, ATTACHMENT, BLOCK_TARGET)  # no cgroup v2 here
     (tmp_path / "cgroup.controllers").write_text("io\n")
-    node.unpublish(ATTACHMENT, BLOCK_TARGET)  # no cgroup of the pod
-    node.unpublish(ATTACHMENT, "/var/lib/kubelet/other")  # no pod in the path
-    node.unpublish(None, BLOCK_TARGET)
-    tree(tmp_path, "kubepods", f"pod{UID}")
-    node.unpublish(ATTACHMENT, BLOCK_TARGET)  # /dev/null: logged, left alone
-    assert (tmp_path / "kubepods" / f"pod{UID}" / "io.max").read_text() == ""
+    node.unpublish(limited, ATTACHMENT, BLOCK_TARGET)  # no cgroup of the pod
+    node.unpublish(limited, ATTACHMENT, "/var/lib/kubelet/other")  # no pod in the path
+    node.unpublish(limited, None, BLOCK_TARGET)
+    pod = tree(tmp_path, "kubepods", f"pod{UID}")
+    node.unpublish(limited, ATTACHMENT, BLOCK_TARGET)  # /dev/null: logged, left alone
+    assert (pod / "io.max").read_text() == ""
+
+
+def test_unpublish_leaves_the_line_of_a_volume_without_limits_alone(tmp_path: Path) -> None:
+    """A line on the device of a volume without limits is not this driver's (an operator's,
+    or another tool's): unpublishing such a volume leaves it."""
+    (tmp_path / "cgroup.controllers").write_text("io\n")
+    pod = str(tree(tmp_path, "kubepods", f"pod{UID}"))
+    cg = CgroupIo(str(tmp_path))
+    cg.set_limits(pod, LOOP_DEVICE, IoLimits(wbps=1 << 20))
+    _node(tmp_path).unpublish(_volume({}), LOOP, BLOCK_TARGET)
+    assert cg.limits(pod, LOOP_DEVICE) == IoLimits(wbps=1 << 20)
+    _node(tmp_path).unpublish(_volume({"writeBytesPerSecond": "1048576"}), LOOP, BLOCK_TARGET)
+    assert cg.limits(pod, LOOP_DEVICE) is None

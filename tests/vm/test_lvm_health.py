@@ -211,8 +211,12 @@ def test_a_thin_pool_past_the_threshold_makes_its_volumes_abnormal(
         tmp_path / "rules.yml",
         values={"thinPoolData": limits, "thinPoolMetadata": limits},
     )
+    # under emulation, and beside csi-sanity, a scrape (an lvm2 report) takes seconds
     prometheus = Prometheus(
-        tmp_path / "prometheus", rules, {f"127.0.0.1:{driver.metrics_port}": "vm-node"}
+        tmp_path / "prometheus",
+        rules,
+        {f"127.0.0.1:{driver.metrics_port}": "vm-node"},
+        interval="5s",
     )
     with prometheus:
         assert not pool_alerts(prometheus.firing_after_scrapes(timeout=180))
