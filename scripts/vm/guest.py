@@ -156,12 +156,11 @@ class Guest:
             f" {self.thinpool} {self.args.thinpool_size}, spare disk {self.spare}"
         )
 
-    def sanity_vgs(self, wanted: int, *, lane_vg: bool) -> list[str]:
-        """Up to ``wanted`` volume groups for csi-sanity runs side by side: the lane's VG (when
-        ``lane_vg``: pytest is not using it meanwhile), then one VG per sanity disk, each with a
-        thin pool named like the lane's."""
-        vgs = [self.vg] if lane_vg else []
-        for i, disk in enumerate(self.sanity_disks[: max(0, wanted - len(vgs))], start=1):
+    def sanity_vgs(self, wanted: int) -> list[str]:
+        """Up to ``wanted`` volume groups for csi-sanity runs side by side: the lane's VG, then
+        one VG per sanity disk, each with a thin pool named like the lane's."""
+        vgs = [self.vg]
+        for i, disk in enumerate(self.sanity_disks[: max(0, wanted - 1)], start=1):
             vg = f"{self.vg}{i}"
             sh(["pvcreate", "-y", disk], self.env)
             sh(["vgcreate", vg, disk], self.env)
@@ -240,6 +239,7 @@ class Guest:
             CSI_TEST_SPARE_DISK=self.spare,
             CSI_TEST_LVM_UDEV="0",
             CSI_TOOLS_BIN=self.args.tools_bin,
+            CSI_TEST_DRIVER_START_TIMEOUT="180",
         )
         return env
 
@@ -301,13 +301,12 @@ def run_pytest(guest: Guest, args: argparse.Namespace) -> Step:
 
 
 def run_sanity_side_by_side(
-    guest: Guest, args: argparse.Namespace, sanity_args: list[str], *, beside_pytest: bool
+    guest: Guest, args: argparse.Namespace, sanity_args: list[str]
 ) -> list[Step]:
     """Every csi-sanity run asked for. The lvm runs go side by side, one per volume group
-    (a run takes a VG from the pool and gives it back empty: run_sanity removes leftovers),
-    on VGs of their own when pytest runs meanwhile; hostpath runs share the one XFS
-    filesystem (project ids, free space), so they go one after the other, once the lvm runs
-    are done."""
+    (a run takes a VG from the pool and gives it back empty: run_sanity removes leftovers);
+    hostpath runs share the one XFS filesystem (project ids, free space), so they go one
+    after the other, once the lvm runs are done."""
     combos = [
         (backend, access_type)
         for backend in args.sanity_backends.split(",")
@@ -319,7 +318,7 @@ def run_sanity_side_by_side(
     t0 = time.monotonic()
     vgs: queue.Queue[str] = queue.Queue()
     try:
-        for vg in guest.sanity_vgs(len(lvm_runs), lane_vg=not beside_pytest):
+        for vg in guest.sanity_vgs(len(lvm_runs)):
             vgs.put(vg)
         hostpath_roots = {c: guest.hostpath_root() for c in combos if c[0] == "hostpath"}
     except (SetupError, subprocess.TimeoutExpired, OSError) as exc:
@@ -416,27 +415,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"SETUP FAILED: {exc}")
             return 1
         results.write(out)
-        # pytest runs one driver and one lvm2 command at a time, about one vCPU's worth, so
-        # the csi-sanity runs go beside it on VGs of their own; hostpath csi-sanity runs need
-        # the spare disk, which pytest uses too, so they wait for it
-        beside = args.only == "all" and "hostpath" not in args.sanity_backends.split(",")
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pytest_step = (
-                pool.submit(run_pytest, guest, args) if args.only in ("all", "pytest") else None
-            )
-            if not beside and pytest_step is not None:
-                pytest_step.result()
-            sanity_steps = (
-                pool.submit(run_sanity_side_by_side, guest, args, sanity_args, beside_pytest=beside)
-                if args.only in ("all", "sanity")
-                else None
-            )
-            if pytest_step is not None:
-                results.steps.append(pytest_step.result())
-                results.write(out)
-            if sanity_steps is not None:
-                results.steps.extend(sanity_steps.result())
-                results.write(out)
+        # one after the other: csi-sanity beside pytest starved the drivers' starts in the
+        # emulated guest (more than 60 s each) while the host lane ran beside the VM
+        if args.only in ("all", "pytest"):
+            results.steps.append(run_pytest(guest, args))
+            results.write(out)
+        if args.only in ("all", "sanity"):
+            results.steps.extend(run_sanity_side_by_side(guest, args, sanity_args))
+            results.write(out)
     finally:
         t1 = time.monotonic()
         problems = guest.teardown()

@@ -41,9 +41,9 @@ from testkit.vm import (
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 DISK_BYTES = 2 * 1024**3
-#: two PVs of the lane's VG (pytest), a spare (XFS and ext4 for the quota tests), and one VG
-#: for each of the two csi-sanity runs, which go beside pytest
-DISKS = 5
+#: two PVs of the lane's VG, a spare (XFS and ext4 for the quota tests), one VG for a second
+#: csi-sanity
+DISKS = 4
 # The code under test, copied at launch and bind-mounted over the checkout in the guest: the
 # guest caches the host's files, so one edited on the host mid-run would turn into ESTALE.
 SNAPSHOT = ("csi_driver", "testkit", "tests", "charts")

@@ -112,19 +112,3 @@ def test_driver_liveness_probe_asks_the_livenessprobe_sidecar(
 def test_liveness_probe_values_are_checked(chart_tools: ChartTools, bad: dict[str, Any]) -> None:
     with pytest.raises(AssertionError, match="values don't meet the specifications"):
         render_text(chart_tools, {"livenessProbe": bad})
-
-
-def test_the_registrar_waits_for_a_slow_driver_before_its_liveness_probe(
-    chart_tools: ChartTools,
-) -> None:
-    """The registrar's /healthz fails until the driver first answers; a startup probe spares
-    it restarts meanwhile (the e2e lane's emulated node takes over a minute), and the
-    liveness probe only takes over once it passed."""
-    daemonset = Rendered(parse(render_text(chart_tools, {}))).daemonset
-    registrar = container(daemonset, "node-driver-registrar")
-    startup, liveness = registrar["startupProbe"], registrar["livenessProbe"]
-    assert startup["httpGet"] == liveness["httpGet"] == {"path": "/healthz", "port": "registrar"}
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
-    assert "initialDelaySeconds" not in liveness
-    ports = {p["name"]: p["containerPort"] for p in registrar["ports"]}
-    assert flags(registrar)["http-endpoint"].endswith(f":{ports['registrar']}")
