@@ -68,9 +68,9 @@ for entry in "${SIDECARS[@]}"; do
     (
         cd "$MODULE_DIR"
         GOFLAGS=-mod=mod nice -n 10 go build -trimpath -ldflags "-s -w -X main.version=$version" \
-            -o "$BIN_DIR/$name.tmp" "$package"
+            -o "$BIN_DIR/$name.tmp.$$" "$package"
     )
-    mv "$BIN_DIR/$name.tmp" "$BIN_DIR/$name"
+    mv "$BIN_DIR/$name.tmp.$$" "$BIN_DIR/$name"
     stamp_write "sidecar-$name" "$want"
 done
 
@@ -86,9 +86,9 @@ build_from_tarball() {
     (
         cd "$src"
         GOFLAGS=-mod=vendor GOPROXY=off GOTOOLCHAIN=local nice -n 10 go build -trimpath \
-            -ldflags "-s -w -X main.version=$version" -o "$BIN_DIR/$name.tmp" "./$package"
+            -ldflags "-s -w -X main.version=$version" -o "$BIN_DIR/$name.tmp.$$" "./$package"
     )
-    mv "$BIN_DIR/$name.tmp" "$BIN_DIR/$name"
+    mv "$BIN_DIR/$name.tmp.$$" "$BIN_DIR/$name"
 }
 
 # build_from_proxy NAME VERSION MODULE PACKAGE: `go install MODULE/PACKAGE@VERSION`; its error

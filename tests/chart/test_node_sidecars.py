@@ -75,6 +75,7 @@ def test_driver_liveness_probe_asks_the_livenessprobe_sidecar(
     """The kubelet probes the driver through the sidecar's /healthz, which runs a CSI Probe."""
     values = {
         "livenessProbe": {
+            "startupSeconds": 101,
             "initialDelaySeconds": 3,
             "periodSeconds": 4,
             "timeoutSeconds": 2,
@@ -95,8 +96,19 @@ def test_driver_liveness_probe_asks_the_livenessprobe_sidecar(
     # The sidecar probes the socket the driver serves.
     driver_endpoint = flags(container(workload, "driver"))["endpoint"]
     assert driver_endpoint == f"unix://{sidecar_flags['csi-address']}"
-    timing = {k: probe[k] for k in values["livenessProbe"]}
-    assert timing == values["livenessProbe"]
+    # The liveness probe counts failures only after the startup probe saw the first answer,
+    # which it waits for as long as startupSeconds allows.
+    startup = container(workload, "driver")["startupProbe"]
+    assert startup["httpGet"] == probe["httpGet"]
+    assert startup["initialDelaySeconds"] == 3
+    assert startup["timeoutSeconds"] == 2
+    assert 101 <= startup["periodSeconds"] * startup["failureThreshold"] < 101 + 5
+    assert "initialDelaySeconds" not in probe
+    assert {k: probe[k] for k in ("periodSeconds", "timeoutSeconds", "failureThreshold")} == {
+        "periodSeconds": 4,
+        "timeoutSeconds": 2,
+        "failureThreshold": 6,
+    }
 
 
 @pytest.mark.parametrize(
@@ -106,9 +118,28 @@ def test_driver_liveness_probe_asks_the_livenessprobe_sidecar(
         {"failureThreshold": "3"},
         {"timeoutSeconds": 1.5},
         {"initialDelaySeconds": -1},
+        {"startupSeconds": 0},
         {"successThreshold": 1},
     ],
 )
 def test_liveness_probe_values_are_checked(chart_tools: ChartTools, bad: dict[str, Any]) -> None:
     with pytest.raises(AssertionError, match="values don't meet the specifications"):
         render_text(chart_tools, {"livenessProbe": bad})
+
+
+def test_the_registrar_waits_for_a_slow_driver_before_its_liveness_probe(
+    chart_tools: ChartTools,
+) -> None:
+    """The registrar's /healthz fails until the driver first answers; its startup probe gives
+    it the driver's startup allowance (the e2e lane's emulated node takes over a minute), and
+    the liveness probe only takes over once it passed."""
+    daemonset = Rendered(
+        parse(render_text(chart_tools, {"livenessProbe": {"startupSeconds": 600}}))
+    ).daemonset
+    registrar = container(daemonset, "node-driver-registrar")
+    startup, liveness = registrar["startupProbe"], registrar["livenessProbe"]
+    assert startup["httpGet"] == liveness["httpGet"] == {"path": "/healthz", "port": "registrar"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 600
+    assert "initialDelaySeconds" not in liveness
+    ports = {p["name"]: p["containerPort"] for p in registrar["ports"]}
+    assert flags(registrar)["http-endpoint"].endswith(f":{ports['registrar']}")

@@ -213,6 +213,14 @@ def api(cluster: Cluster) -> Any:
 # ----------------------------------------------------------------------------- helm
 
 
+def chart_default(*keys: str) -> Any:
+    """A value of the chart's own values.yaml, e.g. chart_default("sidecars", "registrar")."""
+    value: Any = yaml.safe_load((ROOT / "charts" / "nodelocal-csi" / "values.yaml").read_text())
+    for key in keys:
+        value = value[key]
+    return value
+
+
 def helm_values(cluster: Cluster, **overrides: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "kubeletDir": str(cluster.kubelet_dir),
@@ -312,21 +320,38 @@ class Release:
         return seconds
 
     def _settled(self, seconds: float = SETTLE_SECONDS) -> None:
-        """helm --wait accepts a pod the moment its containers run; a sidecar that exits a
-        second later (a crash loop) would slip through. Every container of the driver must
-        stay ready, without a restart, for a while."""
+        """helm --wait accepts a DaemonSet whose one pod is not ready yet (maxUnavailable 1),
+        and a pod the moment its containers run; a sidecar that exits a second later (a crash
+        loop) would slip through. Every container of the driver must become ready within the
+        chart's startup allowance, never restart, and then stay ready for a while."""
         kube = Kube(self.cluster.api_client(), self.namespace)
-        deadline = time.monotonic() + seconds
+        startup = float(
+            (self.values or {}).get("livenessProbe", {}).get("startupSeconds")
+            or chart_default("livenessProbe", "startupSeconds")
+        )
+        ready_by = time.monotonic() + startup + 30
+        steady_from: float | None = None
         while True:
+            unready = []
             for pod in kube.items(kube.core.list_namespaced_pod, self.namespace):
                 for c in pod["status"].get("containerStatuses", []):
-                    if not c["ready"] or c["restartCount"]:
+                    name = f"{pod['metadata']['name']}/{c['name']}"
+                    if c["restartCount"]:
                         raise AssertionError(
-                            f"driver container {pod['metadata']['name']}/{c['name']} not steady:"
-                            f" ready={c['ready']} restarts={c['restartCount']}"
+                            f"driver container {name} restarted: restarts={c['restartCount']}"
                             f" last state={c.get('lastState')}"
                         )
-            if time.monotonic() > deadline:
+                    if not c["ready"]:
+                        unready.append(name)
+            now = time.monotonic()
+            if unready:
+                if steady_from is not None:
+                    raise AssertionError(f"driver containers {unready} became unready")
+                if now > ready_by:
+                    raise AssertionError(f"driver containers {unready} not ready in time")
+            elif steady_from is None:
+                steady_from = now
+            elif now - steady_from > seconds:
                 return
             time.sleep(1)
 

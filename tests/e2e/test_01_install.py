@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from .cluster import NODE_NAME
-from .conftest import DRIVER_NAMESPACE, HOSTPATH_CAPACITY, ROOT, Release
+from .conftest import DRIVER_NAMESPACE, HOSTPATH_CAPACITY, Release, chart_default
 from .kube import DRIVER_NAME, STORAGE_CLASS, TOPOLOGY_KEY, Kube, quantity, raw, wait_until
 
 
@@ -53,8 +51,7 @@ def test_registration_was_done_by_the_real_registrar(driver: Release) -> None:
     """The registrar in the node pod is the upstream release the chart pins, and the kubelet
     told it the registration succeeded (which is when the CSINode entry above appears)."""
     kube = _kube(driver)
-    values = yaml.safe_load((ROOT / "charts" / "nodelocal-csi" / "values.yaml").read_text())
-    release = values["sidecars"]["registrar"]["image"].rpartition(":")[2]
+    release = chart_default("sidecars", "registrar", "image").rpartition(":")[2]
     (pod,) = kube.items(
         kube.core.list_namespaced_pod,
         DRIVER_NAMESPACE,

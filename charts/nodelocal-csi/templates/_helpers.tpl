@@ -168,3 +168,33 @@ allowedTopologies:
 true
 {{- end }}
 {{- end }}
+
+{{/* The startup probe of a container whose /healthz (on the named port) answers only once the
+     driver has: it allows livenessProbe.startupSeconds for that first answer (a driver starting
+     on a slow or busy node), and the kubelet runs the liveness probe only after it passed. The
+     argument is (list $ "<port name>"). */}}
+{{- define "nodelocal-csi.startupProbe" -}}
+{{- $probe := (index . 0).Values.livenessProbe }}
+startupProbe:
+  httpGet:
+    path: /healthz
+    port: {{ index . 1 }}
+  initialDelaySeconds: {{ $probe.initialDelaySeconds }}
+  periodSeconds: 5
+  timeoutSeconds: {{ $probe.timeoutSeconds }}
+  failureThreshold: {{ max 1 (div (add $probe.startupSeconds 4) 5) }}
+{{- end }}
+
+{{/* The driver container's probes (node plugin and controller): the kubelet asks the
+     livenessprobe sidecar on the healthz port, which runs a CSI Probe of the driver, and
+     restarts the driver after livenessProbe.failureThreshold failures in a row. */}}
+{{- define "nodelocal-csi.driverProbes" -}}
+{{ include "nodelocal-csi.startupProbe" (list . "healthz") }}
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: healthz
+  periodSeconds: {{ .Values.livenessProbe.periodSeconds }}
+  timeoutSeconds: {{ .Values.livenessProbe.timeoutSeconds }}
+  failureThreshold: {{ .Values.livenessProbe.failureThreshold }}
+{{- end }}
