@@ -37,8 +37,8 @@ from csi_driver.model import (
     Volume,
     VolumeSpec,
 )
-from csi_driver.system.runner import SubprocessRunner
 from csi_driver.units import MiB
+from testkit.hostpath_backends import Backends
 
 NODE = "it-node"
 pytestmark = pytest.mark.root
@@ -59,23 +59,12 @@ def loops_of(image: Path) -> list[str]:
     return out.split()
 
 
-class Env:
+class Env(Backends):
     """Backends on one root; a new one is a restart. Finalised by :meth:`teardown`."""
 
     def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir / "root", NODE, 512 * MiB)
         self.workdir = workdir
-        self.root = workdir / "root"
-        self.current: HostPathBackend | None = None
-
-    def open(self, capacity: int | None = 512 * MiB) -> HostPathBackend:
-        self.close()
-        self.current = HostPathBackend(self.root, capacity, NODE, SubprocessRunner())
-        return self.current
-
-    def close(self) -> None:
-        if self.current is not None:
-            self.current.close()
-            self.current = None
 
     def teardown(self) -> None:
         backend = self.current or (self.open() if (self.root / "state.db").exists() else None)

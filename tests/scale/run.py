@@ -60,6 +60,10 @@ class Config:
     timeout: float = 900.0
     #: harness threads creating the objects
     threads: int = 8
+    #: Pods (each with its PVC) created per second; 0: all at once, as fast as the threads go.
+    #: All at once measures how fast a backlog drains; a steady rate, whether the cluster keeps
+    #: up with Pods arriving at that rate
+    create_rate: float = 0.0
     #: capacity-change probes after the workload
     probes: int = 3
     #: kube-controller-manager's client rate. Its defaults (20 requests per second, burst 30)
@@ -184,11 +188,13 @@ class Run:
                 "pvc_sizes_bytes": list(cfg.sizes),
                 "kube_controller_manager_qps": cfg.kcm_qps,
                 "kube_controller_manager_burst": cfg.kcm_burst,
+                "create_rate": cfg.create_rate,
             },
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         self.metrics = ApiMetrics(self.plane)
         self.storage_class = ""
+        self._created_from = 0.0
 
     @property
     def core(self) -> Any:
@@ -267,6 +273,8 @@ class Run:
             time.sleep(0.5)
 
     def _create(self, i: int) -> None:
+        if self.cfg.create_rate > 0:
+            time.sleep(max(0.0, self._created_from + i / self.cfg.create_rate - time.monotonic()))
         size = self.cfg.sizes[i % len(self.cfg.sizes)]
         self.core.create_namespaced_persistent_volume_claim(
             WORKLOAD_NAMESPACE, pvc_body(f"vol-{i:05d}", self.storage_class, size)
@@ -284,7 +292,7 @@ class Run:
         timeline: list[tuple[float, int, int]] = []
         with measure.Sampler(lambda: groups) as sampler:
             window.begin()
-            t0 = time.monotonic()
+            t0 = self._created_from = time.monotonic()
             with ThreadPoolExecutor(self.cfg.threads) as pool:
                 list(pool.map(self._create, range(self.cfg.pods)))
             created = time.monotonic() - t0
@@ -315,6 +323,7 @@ class Run:
             "pods_running": running,
             "pvcs_bound": bound,
             "create_seconds": round(created, 1),
+            "created_per_second": round(self.cfg.pods / created, 2) if created else None,
             "seconds_to_all_running_and_bound": round(elapsed, 1),
             "pods_per_second": round(min(running, bound) / elapsed, 2),
             "timeline": timeline,
@@ -699,6 +708,8 @@ def report(r: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
     c = r["config"]
     rows.append(("nodes / pods", f"{c['nodes']} / {c['pods']}"))
+    rate = c.get("create_rate", 0)
+    rows.append(("created", f"{rate} Pods/s" if rate else "all at once"))
     if "startup_seconds" in r:
         rows.append(("start (s)", str(r["startup_seconds"]["total"])))
     w = r.get("workload")
@@ -707,6 +718,7 @@ def report(r: dict[str, Any]) -> str:
             ("all Running+Bound (s)", str(w["seconds_to_all_running_and_bound"])),
             ("rate (Pods/s)", str(w["pods_per_second"])),
             ("objects created in (s)", str(w["create_seconds"])),
+            ("creation rate reached (Pods/s)", str(w["created_per_second"])),
             ("machine busy (share of 2 cores)", str(w["cpu"]["machine_busy_share"])),
             ("peak load1", str(w["peak_load1"])),
             ("cores used by", json.dumps(w["cpu"]["cores_used"])),
@@ -775,6 +787,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pods", type=int, default=2000)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--create-rate",
+        type=float,
+        default=Config.create_rate,
+        help="Pods (with their PVCs) created per second; 0 (default): all at once",
+    )
     parser.add_argument("--kcm-qps", type=int, default=Config.kcm_qps)
     parser.add_argument("--kcm-burst", type=int, default=Config.kcm_burst)
     parser.add_argument("--out", type=Path, help="where to write the JSON result")
@@ -785,11 +803,16 @@ def main(argv: list[str] | None = None) -> int:
         help="where the logs of every process are kept",
     )
     args = parser.parse_args(argv)
+    if args.create_rate < 0:
+        parser.error("--create-rate must be 0 (all at once) or a positive rate")
+    if args.create_rate and args.pods / args.create_rate >= args.timeout:
+        parser.error("--timeout (counted from the first create) must exceed --pods / --create-rate")
     cfg = Config(
         nodes=args.nodes,
         pods=args.pods,
         idle_seconds=args.idle_seconds,
         timeout=args.timeout,
+        create_rate=args.create_rate,
         kcm_qps=args.kcm_qps,
         kcm_burst=args.kcm_burst,
     )

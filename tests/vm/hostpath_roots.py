@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver.backends.hostpath.backend import HostPathBackend
-from csi_driver.system.runner import SubprocessRunner
+from testkit import hostpath_backends as testkit_hostpath
 
 NODE = "vm-node"
 
@@ -74,22 +73,12 @@ def mounted(device: str, mnt: Path, options: str = "") -> Iterator[None]:
             sh("umount", "--lazy", str(mnt), check=False)
 
 
-class Backends:
-    """Backends on one root; opening a new one is a restart."""
+class Backends(testkit_hostpath.Backends):
+    """Backends on one root (the filesystem's free space as capacity); opening a new one is a
+    restart. :meth:`teardown` deletes what the test left."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.current: HostPathBackend | None = None
-
-    def open(self) -> HostPathBackend:
-        self.close()
-        self.current = HostPathBackend(self.root, None, NODE, SubprocessRunner())
-        return self.current
-
-    def close(self) -> None:
-        if self.current is not None:
-            self.current.close()
-            self.current = None
+        super().__init__(root, NODE)
 
     def teardown(self) -> None:
         b = self.current or self.open()
