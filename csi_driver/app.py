@@ -97,7 +97,7 @@ def build(config: Config) -> Driver:
     metrics = Metrics()
     runner = SubprocessRunner(observer=metrics.observe_command)
     #: the one view of the Pods' cgroups (IO limits), for the backend and the node service
-    cgroup = CgroupIo(str(config.cgroup_root))
+    cgroup = CgroupIo(str(config.cgroup_root), config.kubelet_cgroup_root)
     backend = build_backend(config, runner, cgroup) if config.mode.owns_volumes else None
     locks = KeyLocks()
 

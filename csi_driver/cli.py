@@ -22,6 +22,7 @@ from csi_driver.config import (
     PeerConfig,
     Reconcile,
     ReconcileConfig,
+    cgroup_path,
     host_port,
     parse_endpoint,
 )
@@ -160,6 +161,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "/sys/fs/cgroup",
     )
     add(
+        "--kubelet-cgroup-root",
+        "the kubelet's --cgroup-root (cgroupRoot), when it has one: the Pods' cgroups are looked"
+        " for below it first (IO limits)",
+        "/",
+    )
+    add(
         "--peer-tls-dir",
         "node and controller mode: directory with ca.crt, tls.crt and tls.key of the"
         " controller-to-node channel that carries ControllerModifyVolume (off when empty)",
@@ -285,6 +292,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
             grace_period=args.grace_period,
             kubelet_dir=Path(os.path.normpath(os.path.abspath(args.kubelet_dir))),
             cgroup_root=Path(os.path.normpath(os.path.abspath(args.cgroup_root))),
+            kubelet_cgroup_root=cgroup_path(args.kubelet_cgroup_root),
             peer=PeerConfig(
                 tls_dir=Path(args.peer_tls_dir),
                 listen=host_port(args.peer_listen, "--peer-listen") if args.peer_listen else None,

@@ -76,6 +76,21 @@ def split_host_port(value: str, what: str = "address") -> tuple[str, int]:
     return host, int(port)
 
 
+def cgroup_path(value: str, what: str = "--kubelet-cgroup-root") -> tuple[str, ...]:
+    """A path within the cgroup hierarchy as the kubelet's --cgroup-root names it
+    (``/nodelocal``, ``kube.slice``; ``/`` or empty: the hierarchy's root), as its names."""
+    names = tuple(name for name in value.split("/") if name)
+    if (
+        len(value) > 512
+        or len(names) > 8
+        or any(name in (".", "..") or len(name) > 255 or not name.isprintable() for name in names)
+    ):
+        raise ValueError(
+            f"{what} must be a path of at most 8 cgroup names without . or .., got {value[:64]!r}"
+        )
+    return names
+
+
 def host_port(value: str, what: str = "address") -> str:
     """``HOST:PORT`` with an IPv6 host in brackets, as gRPC wants it."""
     host, port = split_host_port(value, what)
@@ -236,6 +251,8 @@ class Config:
     kubelet_dir: Path = Path("/var/lib/kubelet")
     #: where the cgroup v2 hierarchy is mounted: the Pods' cgroups for IO limits
     cgroup_root: Path = Path("/sys/fs/cgroup")
+    #: the kubelet's --cgroup-root, as names within that hierarchy (empty: its root)
+    kubelet_cgroup_root: tuple[str, ...] = ()
     #: the controller-to-node channel (node and controller mode, when the chart enables it)
     peer: PeerConfig | None = None
     #: the opt-in reconcilers (docs/operations.md)
@@ -257,6 +274,7 @@ class Config:
             )
         if not self.cgroup_root.is_absolute():
             raise ValueError(f"cgroup root {str(self.cgroup_root)!r} must be an absolute path")
+        cgroup_path("/".join(self.kubelet_cgroup_root))
         check_node_id(self.node_id)
         if self.metrics_address is not None:
             split_host_port(self.metrics_address, "--metrics-address")

@@ -373,6 +373,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 else:
                     self.publish_mount(volume, cap, attachment, staging, target, read_only)
                 if pod_cgroup is not None:
+                    # a kill here leaves the volume published without its limit: the kubelet
+                    # retries (its publication never succeeded), finds the mount and writes it
+                    reach("publish.mounted")
                     try:
                         self.io_limits.publish(volume, attachment, pod_cgroup)
                     except FailedPrecondition:

@@ -13,11 +13,13 @@ Where the Pod's cgroup is. The kubelet makes one cgroup per Pod, below its QoS c
   Guaranteed Pod;
 * cgroupfs driver: ``kubepods/<qos>/pod<uid>``, or ``kubepods/pod<uid>``.
 
-A kubelet started with ``--cgroup-root`` puts the same tree one or two levels lower, so after
-the fixed places a bounded walk (depth, directories visited) looks below directories whose
-names start with ``kubepods`` or ``kubelet``. The uid is checked to be a UUID before it is
-used in any name; the walk never follows a symbolic link, and every file is opened from its
-directory's descriptor with ``O_NOFOLLOW``, so nothing outside the cgroup root is touched.
+A kubelet started with ``--cgroup-root`` puts the same tree below that cgroup: given it
+(``--kubelet-cgroup-root``), the fixed places are tried there first. After the fixed places, a
+bounded walk (depth, directories visited) looks below the kubelet's cgroup root and below
+directories whose names start with ``kubepods`` or ``kubelet``. The uid is checked to be a
+UUID before it is used in any name; the walk never follows a symbolic link, and every file is
+opened from its directory's descriptor with ``O_NOFOLLOW``, so nothing outside the cgroup root
+is touched.
 
 This module knows nothing of volumes or Pods beyond those names; what a limit means for a
 volume is the caller's business.
@@ -46,6 +48,9 @@ WALK_DEPTH = 4
 WALK_DIRS = 2048
 _UID = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 _QOS = ("burstable", "besteffort")
+#: directories the walk enters: the kubelet's (``kubepods``, ``kubepods.slice``, ``kubelet``…),
+#: also below a systemd --cgroup-root, whose children carry its prefix (``x-kubepods.slice``)
+_KUBELET_DIR = re.compile(r"\A(kubepods|kubelet|[^/]*-kubepods)")
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: O_TRUNC as a shell's ``>`` has it: the kernel ignores it; a plain file (tests) is replaced
 _WRITE = os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -125,10 +130,12 @@ def block_device(path: str) -> tuple[int, int]:
 
 
 class CgroupIo:
-    """The cgroup v2 hierarchy at ``root`` (``/sys/fs/cgroup``; another for tests)."""
+    """The cgroup v2 hierarchy at ``root`` (``/sys/fs/cgroup``; another for tests), with the
+    kubelet's ``--cgroup-root`` within it as names (none: the hierarchy's root)."""
 
-    def __init__(self, root: str = DEFAULT_ROOT) -> None:
+    def __init__(self, root: str = DEFAULT_ROOT, kubelet_root: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.kubelet_root = kubelet_root
 
     def problem(self) -> str | None:
         """Why IO limits cannot be set on this host, or None when they can."""
@@ -152,9 +159,11 @@ class CgroupIo:
         """The path of the Pod's cgroup directory, or None when there is none."""
         if not is_pod_uid(pod_uid):
             raise CgroupError(f"pod uid {pod_uid[:64]!r} is not a UUID")
-        for relative in self._fixed_places(pod_uid):
-            if self._is_dir(relative):
-                return os.path.join(self.root, *relative)
+        bases = [self.kubelet_root, ()] if self.kubelet_root else [()]
+        for base in bases:
+            for relative in self._fixed_places(pod_uid):
+                if self._is_dir((*base, *relative)):
+                    return os.path.join(self.root, *base, *relative)
         found = self._walk(pod_uid)
         return os.path.join(self.root, *found) if found else None
 
@@ -199,12 +208,14 @@ class CgroupIo:
         return places
 
     def _walk(self, uid: str) -> tuple[str, ...] | None:
-        """Breadth-first below kubepods*/kubelet* directories, bounded in depth and size."""
+        """Breadth-first below the kubelet's cgroup root and kubepods*/kubelet* directories,
+        bounded in depth (from where it starts) and in directories visited."""
         wanted = (f"pod{uid}", f"-pod{uid.replace('-', '_')}.slice")
-        queue: deque[tuple[str, ...]] = deque([()])
+        starts = [self.kubelet_root, ()] if self.kubelet_root else [()]
+        queue: deque[tuple[tuple[str, ...], int]] = deque((start, 0) for start in starts)
         visited = 0
         while queue and visited < WALK_DIRS:
-            relative = queue.popleft()
+            relative, depth = queue.popleft()
             visited += 1
             try:
                 with os.scandir(os.path.join(self.root, *relative)) as entries:
@@ -214,8 +225,8 @@ class CgroupIo:
             for name in names:
                 if name == wanted[0] or name.endswith(wanted[1]):
                     return (*relative, name)
-                if len(relative) + 1 < WALK_DEPTH and name.startswith(("kubepods", "kubelet")):
-                    queue.append((*relative, name))
+                if depth + 1 < WALK_DEPTH and _KUBELET_DIR.match(name):
+                    queue.append(((*relative, name), depth + 1))
         return None
 
     def _is_dir(self, relative: tuple[str, ...]) -> bool:

@@ -61,6 +61,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "renamed-driver": {
         "driverName": "edge.storage.example.org",
         "kubeletDir": "/var/lib/k0s/kubelet",
+        "kubeletCgroupRoot": "/edge.slice",
         "backend": "lvm",
         "csiDriver": {"attachRequired": True},
     },

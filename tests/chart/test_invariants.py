@@ -444,6 +444,17 @@ def test_driver_arguments_are_flags_the_cli_accepts(chart_tools: ChartTools) -> 
                 assert f"--{flag}" in accepted, f"the driver has no --{flag}"
 
 
+def test_the_kubelets_cgroup_root_reaches_the_node_plugin(chart_tools: ChartTools) -> None:
+    """IO limits find the Pods' cgroups below the kubelet's --cgroup-root when given it."""
+    default = Rendered(parse(render_text(chart_tools, {}))).daemonset
+    assert "kubelet-cgroup-root" not in flags(container(default, "driver"))
+    given = Rendered(parse(render_text(chart_tools, {"kubeletCgroupRoot": "/edge.slice"})))
+    assert flags(container(given.daemonset, "driver"))["kubelet-cgroup-root"] == "/edge.slice"
+    for bad in ("/a/../b", "/.", "/" + "x" * 600):
+        with pytest.raises(AssertionError, match="values don't meet the specifications"):
+            render_text(chart_tools, {"kubeletCgroupRoot": bad})
+
+
 def test_lvm_classes_scenario_is_rendered_as_given(chart_tools: ChartTools) -> None:
     rendered = Rendered(parse(render_text(chart_tools, SCENARIOS["lvm-classes-nsenter-udev"])))
     classes = json.loads(rendered.one("ConfigMap")["data"]["lvm.json"])["deviceClasses"]

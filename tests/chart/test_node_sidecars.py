@@ -133,13 +133,17 @@ def test_the_registrar_waits_for_a_slow_driver_before_its_liveness_probe(
     """The registrar's /healthz fails until the driver first answers; its startup probe gives
     it the driver's startup allowance (the e2e lane's emulated node takes over a minute), and
     the liveness probe only takes over once it passed."""
-    daemonset = Rendered(
-        parse(render_text(chart_tools, {"livenessProbe": {"startupSeconds": 600}}))
-    ).daemonset
+    probe = {"startupSeconds": 600, "timeoutSeconds": 15}
+    daemonset = Rendered(parse(render_text(chart_tools, {"livenessProbe": probe}))).daemonset
     registrar = container(daemonset, "node-driver-registrar")
     startup, liveness = registrar["startupProbe"], registrar["livenessProbe"]
     assert startup["httpGet"] == liveness["httpGet"] == {"path": "/healthz", "port": "registrar"}
+    # a try that times out takes its whole timeout: the tries are no closer than that
+    assert startup["periodSeconds"] >= startup["timeoutSeconds"] == 15
     assert startup["periodSeconds"] * startup["failureThreshold"] == 600
+    assert startup == container(daemonset, "driver")["startupProbe"] | {
+        "httpGet": startup["httpGet"]
+    }
     assert "initialDelaySeconds" not in liveness
     ports = {p["name"]: p["containerPort"] for p in registrar["ports"]}
     assert flags(registrar)["http-endpoint"].endswith(f":{ports['registrar']}")

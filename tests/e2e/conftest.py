@@ -334,7 +334,14 @@ class Release:
         while True:
             unready = []
             for pod in kube.items(kube.core.list_namespaced_pod, self.namespace):
-                for c in pod["status"].get("containerStatuses", []):
+                if pod["metadata"].get("deletionTimestamp"):
+                    continue  # an old Pod of an upgrade, on its way out
+                statuses = pod["status"].get("containerStatuses", [])
+                if pod["status"].get("phase") != "Running" or len(statuses) < len(
+                    pod["spec"]["containers"]
+                ):
+                    unready.append(pod["metadata"]["name"])
+                for c in statuses:
                     name = f"{pod['metadata']['name']}/{c['name']}"
                     if c["restartCount"]:
                         raise AssertionError(

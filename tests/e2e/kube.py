@@ -218,6 +218,19 @@ class Kube:
             timeout,
         )
 
+    def wait_pvc_modified(self, name: str, attributes_class: str, timeout: float = 180) -> Any:
+        """Wait until the PVC's volume has its new VolumeAttributesClass and no modification is
+        pending; return the PVC."""
+
+        def done() -> Any:
+            pvc = self.read_pvc(name)
+            status = pvc.get("status", {})
+            if status.get("currentVolumeAttributesClassName") != attributes_class:
+                return None
+            return pvc if not status.get("modifyVolumeStatus") else None
+
+        return wait_until(f"PVC {name} modified to class {attributes_class}", done, timeout)
+
     def delete_pod(self, name: str, timeout: float = 120) -> None:
         with contextlib.suppress(client.ApiException):
             self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=1)

@@ -64,17 +64,6 @@ def _driver_log(ns: Kube, component: str, containing: str) -> str:
     return "\n".join(lines)
 
 
-def _modified(ns: Kube, claim: str, wanted: str) -> Any:
-    def done() -> Any:
-        pvc = ns.read_pvc(claim)
-        status = pvc.get("status", {})
-        if status.get("currentVolumeAttributesClassName") != wanted:
-            return None
-        return pvc if not status.get("modifyVolumeStatus") else None
-
-    return wait_until(f"PVC {claim} modified to class {wanted}", done, 180)
-
-
 def test_switching_the_attributes_class_changes_what_delete_does(
     driver: Release, ns: Kube, timings: Timings
 ) -> None:
@@ -106,7 +95,7 @@ def test_switching_the_attributes_class_changes_what_delete_does(
         ns.core.patch_namespaced_persistent_volume_claim(
             claims["switched"], ns.namespace, {"spec": {"volumeAttributesClassName": wipe}}
         )
-        pvc = _modified(ns, claims["switched"], wipe)
+        pvc = ns.wait_pvc_modified(claims["switched"], wipe)
         timings.record("pvc_attributes_class_switched", time.monotonic() - t0)
         pv = ns.read_pv(pvc["spec"]["volumeName"])
         assert pv["spec"].get("volumeAttributesClassName") == wipe

@@ -10,6 +10,7 @@ The volume group has a thin pool (class ``thin``, the default) and room for thic
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +20,8 @@ from kubernetes import client
 
 from .cluster import Cluster
 from .conftest import Release, Timings, _image_list, helm_values
-from .kube import SNAPSHOT_GROUP, Kube, quantity, unique, wait_until
+from .kube import SNAPSHOT_GROUP, Kube, quantity, raw, unique, wait_until
+from .nodeconfig import CGROUP_ROOT
 from .vmnode import GUEST_KUBELET_DIR, THINPOOL, VG, VM_NODE, VmNode
 
 DRIVER = "lvm.nodelocal.csi.dev"
@@ -44,6 +46,8 @@ def lvm_values(cluster: Cluster) -> dict[str, Any]:
         driverName=DRIVER,
         backend="lvm",
         kubeletDir=str(GUEST_KUBELET_DIR),
+        # the VM node's kubelet keeps its Pods' cgroups below its own root (IO limits)
+        kubeletCgroupRoot=f"/{CGROUP_ROOT}",
         lvm={
             "deviceClasses": [
                 {
@@ -105,19 +109,24 @@ def _lv_of(ns: Kube, claim: str) -> str:
     return name
 
 
-def _lv_report(ns: Kube, lv: str) -> dict[str, str]:
-    """lvs as the node plugin's own lvm2 sees the volume (exec in its driver container)."""
+def _in_node_plugin(ns: Kube, command: str) -> str:
+    """A shell command's output in the node plugin's driver container (the node's own view:
+    its lvm2, its /sys)."""
     drv = Kube(ns.api, NAMESPACE)
     pod = next(
         p["metadata"]["name"]
         for p in drv.items(drv.core.list_namespaced_pod, NAMESPACE)
         if "-node-" in p["metadata"]["name"]
     )
-    out = drv.exec(
-        pod,
+    return drv.exec(pod, command, container="driver")
+
+
+def _lv_report(ns: Kube, lv: str) -> dict[str, str]:
+    """lvs as the node plugin's own lvm2 sees the volume."""
+    out = _in_node_plugin(
+        ns,
         f"lvs --noheadings --separator , -o segtype,pool_lv,lv_size --units b {VG}/{lv}"
         " 2>/dev/null",
-        container="driver",
     )
     segtype, pool, size = out.strip().split(",")
     return {"segtype": segtype, "pool": pool, "size": size}
@@ -282,6 +291,114 @@ def test_thin_snapshot_restored_with_the_same_bytes(lvm: Release, ns: Kube) -> N
     # A thin snapshot restored: a thin volume of its own in the same pool.
     assert _lv_report(ns, _lv_of(ns, restored))["pool"] == THINPOOL
     ns.delete_snapshot(snap, content, SLOW)
+
+
+def _io_max(ns: Kube, pod_uid: str) -> str:
+    """The Pod's cgroup v2 io.max as the node has it (the kubelet's cgroupfs driver below its
+    --cgroup-root; a Pod of any QoS class)."""
+    base = f"/sys/fs/cgroup/{CGROUP_ROOT}/kubepods"
+    out = _in_node_plugin(
+        ns,
+        f"for f in {base}/pod{pod_uid}/io.max {base}/*/pod{pod_uid}/io.max; do"
+        ' [ -f "$f" ] && echo "found $f" && cat "$f"; done; true',
+    )
+    assert out.startswith("found "), f"no io.max of Pod {pod_uid} below {base}: " + _in_node_plugin(
+        ns, f"find {base} -maxdepth 2 -type d | head -40"
+    )
+    return out.partition("\n")[2]
+
+
+def _device_in_pod(ns: Kube, pod: str) -> str:
+    """MAJ:MIN of the Pod's block device, as io.max names it."""
+    major, minor = ns.exec(pod, "stat -L -c '%t %T' /dev/xvda").split()
+    return f"{int(major, 16)}:{int(minor, 16)}"
+
+
+def _write_rate(ns: Kube, pod: str, mib: int) -> float:
+    """Bytes per second of ``mib`` MiB written with O_DIRECT by the Pod to its block device,
+    timed by the Pod's own clock (/proc/uptime, 10 ms steps). 256 KiB writes: few enough that
+    an emulated node keeps up with the limit, small enough that the throttle's allowance for
+    the first one is a few percent of the whole."""
+    out = ns.exec(
+        pod,
+        "s=$(cut -d' ' -f1 /proc/uptime) &&"
+        f" dd if=/dev/zero of=/dev/xvda bs=256k count={mib * 4} oflag=direct 2>/dev/null &&"
+        " e=$(cut -d' ' -f1 /proc/uptime) && echo $s $e",
+    )
+    start, end = (float(x) for x in out.split())
+    return mib * MiB / (end - start)
+
+
+def test_io_limit_holds_in_a_running_pod_and_follows_its_attributes_class(
+    lvm: Release, ns: Kube, timings: Timings
+) -> None:
+    """writeBytesPerSecond from the StorageClass lands in the Pod's cgroup (io.max of the LV)
+    at publication and holds the Pod's direct writes within 20%; switching the PVC to a
+    VolumeAttributesClass with another limit changes it in the running Pod, unrestarted."""
+    limited, faster = unique("io-limited"), unique("io-faster")
+    raw(
+        ns.storage.create_storage_class,
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": limited},
+            "provisioner": DRIVER,
+            "parameters": {"deviceClass": "thick", "writeBytesPerSecond": "2Mi"},
+            "volumeBindingMode": "WaitForFirstConsumer",
+            "reclaimPolicy": "Delete",
+        },
+    )
+    try:
+        raw(
+            ns.storage.create_volume_attributes_class,
+            {
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "VolumeAttributesClass",
+                "metadata": {"name": faster},
+                "driverName": DRIVER,
+                "parameters": {"writeBytesPerSecond": "4Mi"},
+            },
+        )
+        claim, writer = unique("io"), unique("io-writer")
+        ns.pvc(claim, "64Mi", block=True, storage_class=limited)
+        ns.pod_with_claim(writer, claim, block=True)
+        ns.wait_running(writer, SLOW)
+        _lv_of(ns, claim)
+        uid = ns.read_pod(writer)["metadata"]["uid"]
+        (started,) = ns.read_pod(writer)["status"]["containerStatuses"]
+        device = _device_in_pod(ns, writer)
+
+        def line() -> str:
+            lines = [x for x in _io_max(ns, uid).splitlines() if x.split()[:1] == [device]]
+            return lines[0] if lines else ""
+
+        assert line() == f"{device} rbps=max wbps={2 * MiB} riops=max wiops=max"
+        first = _write_rate(ns, writer, 12)
+
+        t0 = time.monotonic()
+        ns.core.patch_namespaced_persistent_volume_claim(
+            claim, ns.namespace, {"spec": {"volumeAttributesClassName": faster}}
+        )
+        ns.wait_pvc_modified(claim, faster, SLOW)
+        timings.record("lvm_io_limit_modified", time.monotonic() - t0)
+        assert line() == f"{device} rbps=max wbps={4 * MiB} riops=max wiops=max"
+        (now,) = ns.read_pod(writer)["status"]["containerStatuses"]
+        assert now["containerID"] == started["containerID"], "the container was replaced"
+        assert now["state"]["running"]["startedAt"] == started["state"]["running"]["startedAt"]
+        second = _write_rate(ns, writer, 24)
+        timings.record("lvm_io_rate_limit_2MiB_in_MiB_per_s", first / MiB)
+        timings.record("lvm_io_rate_limit_4MiB_in_MiB_per_s", second / MiB)
+        for rate, limit in ((first, 2 * MiB), (second, 4 * MiB)):
+            assert abs(rate - limit) <= 0.2 * limit, (
+                f"{rate / MiB:.2f} MiB/s under a {limit / MiB:.0f} MiB/s limit"
+            )
+    finally:
+        for call, name in (
+            (ns.storage.delete_volume_attributes_class, faster),
+            (ns.storage.delete_storage_class, limited),
+        ):
+            with contextlib.suppress(client.ApiException):
+                call(name)
 
 
 def test_uninstall_after_deleting_the_pvcs_leaves_no_logical_volume(

@@ -56,6 +56,7 @@ def test_lvm_flags() -> None:
         ["--hostpath-capacity", "lots"],
         ["--mode", "everything"],
         ["--driver-name", "NoDots"],
+        ["--kubelet-cgroup-root", "/a/../b"],
     ],
 )
 def test_bad_flags_exit_with_usage_error(
@@ -195,3 +196,9 @@ def test_peer_channel_flags() -> None:
 def test_incomplete_peer_flags_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_config(argv, env={"POD_NAMESPACE": "ns"} if "0" in argv else {})
+
+
+def test_the_kubelets_cgroup_root_is_kept_as_names() -> None:
+    assert parse_config(["--node-id", "n"], env={}).kubelet_cgroup_root == ()
+    cfg = parse_config(["--node-id", "n", "--kubelet-cgroup-root", "/edge.slice/"], env={})
+    assert cfg.kubelet_cgroup_root == ("edge.slice",)

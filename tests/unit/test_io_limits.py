@@ -14,6 +14,7 @@ import pytest
 
 from csi_driver import ids, model
 from csi_driver.backends import mutable
+from csi_driver.config import cgroup_path
 from csi_driver.errors import FailedPrecondition, InvalidArgument
 from csi_driver.services.node_io_limits import POD_UID_KEY, NodeIoLimits, pod_of_target
 from csi_driver.system.cgroup_io import (
@@ -173,6 +174,43 @@ def test_the_pod_cgroup_is_found_for_both_drivers(
     )
     want = tree(tmp_path, *relative)
     assert CgroupIo(str(tmp_path)).pod_cgroup(UID) == str(want)
+
+
+@pytest.mark.parametrize(
+    ("kubelet_root", "relative"),
+    [
+        # cgroupfs driver, cgroupRoot /nodelocal-e2e (the e2e lane's lvm node)
+        (("nodelocal-e2e",), ("nodelocal-e2e", "kubepods", "besteffort", f"pod{UID}")),
+        (("a", "b"), ("a", "b", "kubepods", f"pod{UID}")),
+        # systemd driver, cgroupRoot edge.slice: the children carry the slice's prefix
+        (
+            ("edge.slice",),
+            (
+                "edge.slice",
+                "edge-kubepods.slice",
+                "edge-kubepods-burstable.slice",
+                f"edge-kubepods-burstable-pod{UNDER}.slice",
+            ),
+        ),
+    ],
+)
+def test_the_pod_cgroup_is_found_below_the_kubelets_cgroup_root(
+    tmp_path: Path, kubelet_root: tuple[str, ...], relative: tuple[str, ...]
+) -> None:
+    want = tree(tmp_path, *relative)
+    assert CgroupIo(str(tmp_path), kubelet_root).pod_cgroup(UID) == str(want)
+    # not found without it where the kubelet's root has a name of its own
+    if not kubelet_root[0].startswith("kube"):
+        assert CgroupIo(str(tmp_path)).pod_cgroup(UID) is None
+
+
+@pytest.mark.parametrize("value", ["/", "", "x/../y", "a/./b", "/".join("a" * 9), "x\ny"])
+def test_the_kubelet_cgroup_root_is_checked(value: str) -> None:
+    if value in ("/", ""):
+        assert cgroup_path(value) == ()
+        return
+    with pytest.raises(ValueError, match="--kubelet-cgroup-root must be a path"):
+        cgroup_path(value)
 
 
 def test_a_missing_pod_has_no_cgroup(tmp_path: Path) -> None:

@@ -171,18 +171,21 @@ true
 
 {{/* The startup probe of a container whose /healthz (on the named port) answers only once the
      driver has: it allows livenessProbe.startupSeconds for that first answer (a driver starting
-     on a slow or busy node), and the kubelet runs the liveness probe only after it passed. The
-     argument is (list $ "<port name>"). */}}
+     on a slow or busy node), and the kubelet runs the liveness probe only after it passed. A
+     try lasts up to timeoutSeconds and the kubelet starts none while one runs, so the period is
+     at least that long, and the tries times the period cover startupSeconds. The argument is
+     (list $ "<port name>"). */}}
 {{- define "nodelocal-csi.startupProbe" -}}
-{{- $probe := (index . 0).Values.livenessProbe }}
+{{- $probe := (index . 0).Values.livenessProbe -}}
+{{- $period := max 5 $probe.timeoutSeconds -}}
 startupProbe:
   httpGet:
     path: /healthz
     port: {{ index . 1 }}
   initialDelaySeconds: {{ $probe.initialDelaySeconds }}
-  periodSeconds: 5
+  periodSeconds: {{ $period }}
   timeoutSeconds: {{ $probe.timeoutSeconds }}
-  failureThreshold: {{ max 1 (div (add $probe.startupSeconds 4) 5) }}
+  failureThreshold: {{ max 1 (div (add $probe.startupSeconds (sub $period 1)) $period) }}
 {{- end }}
 
 {{/* The driver container's probes (node plugin and controller): the kubelet asks the
