@@ -39,8 +39,8 @@ registration:  ## plugin registration with the real csi-node-driver-registrar an
 bench:  ## run the benchmarks (docs/benchmarks.md)
 	scripts/bench.sh
 
-scale:  ## 100 simulated nodes, 2,000 Pods with PVCs: rate, capacity, footprint (docs/scale.md)
-	scripts/scale.sh
+scale:  ## 100 simulated nodes, 2,000 Pods with PVCs arriving at 5/s: rate, capacity, footprint (docs/scale.md)
+	scripts/scale.sh --create-rate 5
 
 clean:
 	rm -rf .data .venv .pytest_cache

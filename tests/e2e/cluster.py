@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -138,10 +139,28 @@ class Binaries:
         )
 
 
+#: ports handed out by free_port in this process (their listeners may not be up yet)
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port to listen on, free now and below the kernel's ephemeral range: between the pick
+    and the listener's bind (a process start later), no outgoing connection of the hundreds of
+    processes a run starts can take it, as one took a driver's metrics port in a 100-node run."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    start = 10000 + random.randrange(max(1, low - 10000))
+    for offset in range(low - 10000):
+        port = 10000 + (start - 10000 + offset) % (low - 10000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port from 10000 to {low - 1}")
 
 
 def host_ip() -> str:

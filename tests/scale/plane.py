@@ -488,14 +488,19 @@ class Plane:
             )
             node.driver.start()
 
-        def serving() -> bool:
+        def drivers_alive() -> None:
             self._alive()
             for node in self.sim:
                 assert node.driver is not None
                 node.driver.require_alive()
-            return all(n.socket.exists() for n in self.sim)
 
-        wait_for("every driver's socket", serving, 300, every=1)
+        wait_for(
+            "every driver's socket",
+            lambda: all(n.socket.exists() for n in self.sim),
+            300,
+            every=1,
+            alive=drivers_alive,
+        )
 
     def node_info(self, node: SimNode) -> Any:
         with grpc.insecure_channel(f"unix://{node.socket}") as channel:

@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from tests.e2e.cluster import cache_dir
 from tests.e2e.kube import raw
 
@@ -570,8 +572,11 @@ class Run:
     def _delete(self) -> None:
         log("scale: deleting every Pod and PVC")
         t0 = time.monotonic()
-        self.core.delete_collection_namespaced_pod(WORKLOAD_NAMESPACE)
-        self.core.delete_collection_namespaced_persistent_volume_claim(WORKLOAD_NAMESPACE)
+        for call in (
+            self.core.delete_collection_namespaced_pod,
+            self.core.delete_collection_namespaced_persistent_volume_claim,
+        ):
+            _delete_collection(call)
         deadline = time.monotonic() + max(300.0, self.cfg.pods * 0.3)
         while True:
             pods = len(raw(self.core.list_namespaced_pod, WORKLOAD_NAMESPACE)["items"])
@@ -618,6 +623,20 @@ class Run:
             else -1,
             "clean_teardown": not r.get("teardown_problems"),
         }
+
+
+def _delete_collection(call: Any, attempts: int = 20) -> None:
+    """DeleteCollection of the workload namespace. With thousands of objects it can outlast
+    the apiserver's request timeout (504, measured with 2,000 Pods), having deleted only part:
+    it is repeated until one call completes (objects already deleting are left as they are)."""
+    for attempt in range(attempts):
+        try:
+            call(WORKLOAD_NAMESPACE)
+            return
+        except ApiException as exc:
+            if exc.status != 504 or attempt == attempts - 1:
+                raise
+            log(f"scale: delete collection timed out (504); again ({attempt + 1})")
 
 
 def write_latency(text: str) -> dict[str, float]:

@@ -113,11 +113,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 def driver(workdir: Path) -> Iterator[LvmDriver]:
+    """The driver, armed to be killed at its first publication with IO limits (each start in
+    the emulated guest takes seconds: the test arms the next failpoint at each restart)."""
     driver = LvmDriver(
         workdir / "driver",
         node_id="vm-io-node",
         classes=device_classes(workdir),
         extra_args=["--kubelet-dir", str(workdir)],
+        env={FAILPOINTS: "publish.mounted"},
     )
     driver.workdir.mkdir()
     with running(driver):
@@ -213,15 +216,13 @@ def test_a_write_limit_holds_follows_a_modification_and_goes_at_unpublish(
         target = plugins / "volumeDevices" / "publish" / "pvc-io-block" / pod.uid
         block_staging = plugins / "volumeDevices" / "staging" / "pvc-io-block"
         # killed between the publication and the cgroup step: the kubelet's retry finishes it
-        driver.env = {FAILPOINTS: "publish.mounted"}
-        driver.restart()
         with pytest.raises(grpc.RpcError):
             use(block, block_cap(), block_staging, target)
         assert driver.process is not None and driver.process.wait(timeout=60) == -signal.SIGKILL
         published.append((block, str(target)))
         dev = device_of(str(target))  # published, but without its limit
         assert line_of(pod.io_max(), dev) is None
-        driver.env = {}
+        driver.env = {FAILPOINTS: "unpublish.removed"}  # for the unpublication below
         driver.start()
         publish(block, block_cap(), block_staging, target)
         assert line_of(pod.io_max(), dev) == f"{dev} rbps=max wbps={2 * MiB} riops=max wiops=max"
@@ -253,8 +254,6 @@ def test_a_write_limit_holds_follows_a_modification_and_goes_at_unpublish(
         assert f"wbps={3 * MiB} " in (line_of(pod.io_max(), dev) or "")
 
         # killed between the unmount and the cgroup step: the retry finishes the job
-        driver.env = {FAILPOINTS: "unpublish.removed"}
-        driver.restart()
         unpublish = csi_pb2.NodeUnpublishVolumeRequest(volume_id=block, target_path=str(target))
         with pytest.raises(grpc.RpcError):
             csi.node.NodeUnpublishVolume(unpublish)
@@ -268,6 +267,9 @@ def test_a_write_limit_holds_follows_a_modification_and_goes_at_unpublish(
         assert line_of(pod.io_max(), dev) is None
         assert lines == pod.io_max().splitlines(), "the other volume's line must stay"
     finally:
+        if driver.env:  # a failure left it armed: clean up with a driver that is not
+            driver.env = {}
+            driver.restart()
         for vid, path in reversed(published):
             csi.node.NodeUnpublishVolume(
                 csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=path)
