@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testkit.driver_process import CommandCounts, Csi, clean_up_host, free_port
+from testkit.driver_process import CommandCounts, Csi, clean_up_host
 from testkit.driver_process import DriverProcess as _DriverProcess
+from testkit.ports import free_port
 
 Stubs = Csi
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,14 +39,6 @@ _COMMAND_LINE = re.compile(
 
 class DriverStartError(AssertionError):
     """The driver exited or did not serve in time; the message has its log's tail."""
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the driver does not report the port it bound for
-    ``:0``, so the caller picks one; a race with another program makes the start fail, loudly)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

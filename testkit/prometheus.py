@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from testkit.driver_process import REPO, free_port
+from testkit.driver_process import REPO
+from testkit.ports import free_port
 
 RELEASE = "nodelocal-csi"
 NAMESPACE = "kube-system"

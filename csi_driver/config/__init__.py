@@ -76,17 +76,19 @@ def split_host_port(value: str, what: str = "address") -> tuple[str, int]:
     return host, int(port)
 
 
+#: a cgroup name as a kubelet's --cgroup-root has them: no "." or ".." (nor any name starting
+#: with a dot), nothing YAML, a shell or a path would read otherwise
+_CGROUP_NAME = re.compile(r"[A-Za-z0-9_@:+-][A-Za-z0-9_.@:+-]{0,254}")
+
+
 def cgroup_path(value: str, what: str = "--kubelet-cgroup-root") -> tuple[str, ...]:
     """A path within the cgroup hierarchy as the kubelet's --cgroup-root names it
     (``/nodelocal``, ``kube.slice``; ``/`` or empty: the hierarchy's root), as its names."""
     names = tuple(name for name in value.split("/") if name)
-    if (
-        len(value) > 512
-        or len(names) > 8
-        or any(name in (".", "..") or len(name) > 255 or not name.isprintable() for name in names)
-    ):
+    if len(value) > 512 or len(names) > 8 or any(not _CGROUP_NAME.fullmatch(n) for n in names):
         raise ValueError(
-            f"{what} must be a path of at most 8 cgroup names without . or .., got {value[:64]!r}"
+            f"{what} must be a path of at most 8 cgroup names (letters, digits, _ @ : + - and"
+            f" dots, none first), got {value[:64]!r}"
         )
     return names
 
@@ -274,7 +276,8 @@ class Config:
             )
         if not self.cgroup_root.is_absolute():
             raise ValueError(f"cgroup root {str(self.cgroup_root)!r} must be an absolute path")
-        cgroup_path("/".join(self.kubelet_cgroup_root))
+        if cgroup_path("/".join(self.kubelet_cgroup_root)) != self.kubelet_cgroup_root:
+            raise ValueError(f"kubelet cgroup root {self.kubelet_cgroup_root!r} must be names")
         check_node_id(self.node_id)
         if self.metrics_address is not None:
             split_host_port(self.metrics_address, "--metrics-address")

@@ -159,8 +159,7 @@ class CgroupIo:
         """The path of the Pod's cgroup directory, or None when there is none."""
         if not is_pod_uid(pod_uid):
             raise CgroupError(f"pod uid {pod_uid[:64]!r} is not a UUID")
-        bases = [self.kubelet_root, ()] if self.kubelet_root else [()]
-        for base in bases:
+        for base in self._bases():
             for relative in self._fixed_places(pod_uid):
                 if self._is_dir((*base, *relative)):
                     return os.path.join(self.root, *base, *relative)
@@ -195,6 +194,22 @@ class CgroupIo:
 
     # --- finding the Pod's cgroup ----------------------------------------------------------
 
+    def _bases(self) -> list[tuple[str, ...]]:
+        """Where the kubelet's tree may start: below its --cgroup-root as given (cgroupfs
+        driver), as the systemd driver turns it into slices (``/a/b``: ``a.slice/a-b.slice``,
+        a dash in a name becoming an underscore), then the hierarchy's root."""
+        bases = []
+        names = self.kubelet_root
+        if names:
+            bases.append(names)
+            if not any(name.endswith(".slice") for name in names):
+                escaped = [name.replace("-", "_") for name in names]
+                bases.append(
+                    tuple("-".join(escaped[: i + 1]) + ".slice" for i in range(len(escaped)))
+                )
+        bases.append(())
+        return bases
+
     @staticmethod
     def _fixed_places(uid: str) -> list[tuple[str, ...]]:
         under = uid.replace("-", "_")
@@ -211,12 +226,13 @@ class CgroupIo:
         """Breadth-first below the kubelet's cgroup root and kubepods*/kubelet* directories,
         bounded in depth (from where it starts) and in directories visited."""
         wanted = (f"pod{uid}", f"-pod{uid.replace('-', '_')}.slice")
-        starts = [self.kubelet_root, ()] if self.kubelet_root else [()]
-        queue: deque[tuple[tuple[str, ...], int]] = deque((start, 0) for start in starts)
-        visited = 0
-        while queue and visited < WALK_DIRS:
+        queue: deque[tuple[tuple[str, ...], int]] = deque((base, 0) for base in self._bases())
+        seen: set[tuple[str, ...]] = set()
+        while queue and len(seen) < WALK_DIRS:
             relative, depth = queue.popleft()
-            visited += 1
+            if relative in seen or not self._is_dir(relative):
+                continue
+            seen.add(relative)
             try:
                 with os.scandir(os.path.join(self.root, *relative)) as entries:
                     names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]

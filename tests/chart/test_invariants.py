@@ -450,7 +450,7 @@ def test_the_kubelets_cgroup_root_reaches_the_node_plugin(chart_tools: ChartTool
     assert "kubelet-cgroup-root" not in flags(container(default, "driver"))
     given = Rendered(parse(render_text(chart_tools, {"kubeletCgroupRoot": "/edge.slice"})))
     assert flags(container(given.daemonset, "driver"))["kubelet-cgroup-root"] == "/edge.slice"
-    for bad in ("/a/../b", "/.", "/" + "x" * 600):
+    for bad in ("/a/../b", "/.", "/" + "x" * 600, "a: b", "/a #b", "a\n", "/a" * 9):
         with pytest.raises(AssertionError, match="values don't meet the specifications"):
             render_text(chart_tools, {"kubeletCgroupRoot": bad})
 

@@ -15,7 +15,8 @@ import pytest
 from csi_driver.errors import CsiError
 from csi_driver.proto import csi_pb2
 from csi_driver.services.peer import Forwarder, channel_credentials
-from testkit.driver_process import DriverProcess, free_port
+from testkit.driver_process import DriverProcess
+from testkit.ports import free_port
 from tests.chart.chartlib import (
     ChartTools,
     Obj,

@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -31,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testkit.ports import free_port
 from tests.pki import KeyPair, Pki, write_kubeconfig
 
 from . import hoststate, images
@@ -137,30 +136,6 @@ class Binaries:
             runc=_find("runc", Path("/usr/sbin"), Path("/usr/bin")),
             cni_dir=cni_dir,
         )
-
-
-#: ports handed out by free_port in this process (their listeners may not be up yet)
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port to listen on, free now and below the kernel's ephemeral range: between the pick
-    and the listener's bind (a process start later), no outgoing connection of the hundreds of
-    processes a run starts can take it, as one took a driver's metrics port in a 100-node run."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    start = 10000 + random.randrange(max(1, low - 10000))
-    for offset in range(low - 10000):
-        port = 10000 + (start - 10000 + offset) % (low - 10000)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError(f"no free port from 10000 to {low - 1}")
 
 
 def host_ip() -> str:

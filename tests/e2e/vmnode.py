@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testkit.ports import free_port
 from testkit.vm import kill_session, newest_kernel
 from tests.pki import KeyPair, write_kubeconfig
 
 from . import hoststate, images
-from .cluster import Binaries, Cluster, cache_dir, free_port, wait_for
+from .cluster import Binaries, Cluster, cache_dir, wait_for
 from .hoststate import Daemon
 from .kube import raw
 from .nodeconfig import QEMU_GUEST, QEMU_HOST, VM_RUN_DIR, ContainerdPaths, containerd_config

@@ -22,7 +22,8 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2
-from testkit.driver_process import DriverProcess, csi_stubs, free_port
+from testkit.driver_process import DriverProcess, csi_stubs
+from testkit.ports import free_port
 from testkit.prometheus import Alert, Prometheus, bin_dir, render_rules
 from tests.requests import create_request, rpc_code
 

@@ -19,7 +19,8 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2
-from testkit.driver_process import Csi, DriverProcess, csi_stubs, free_port
+from testkit.driver_process import Csi, DriverProcess, csi_stubs
+from testkit.ports import free_port
 from tests.requests import mount_cap
 
 pytestmark = pytest.mark.root

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from csi_driver.proto import csi_pb2
-from testkit.driver_process import Csi, DriverProcess, Samples, csi_stubs, free_port
+from testkit.driver_process import Csi, DriverProcess, Samples, csi_stubs
 from testkit.driver_process import sample as one
+from testkit.ports import free_port
 from tests.chart.exported_metrics import DRIVER_METRICS, PROCESS_METRICS, series_names
 from tests.requests import create_request
 

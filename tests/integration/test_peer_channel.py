@@ -20,7 +20,8 @@ import pytest
 from csi_driver.errors import CsiError
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
 from csi_driver.services.peer import SERVER_NAME, Forwarder, channel_credentials
-from testkit.driver_process import DriverProcess, csi_stubs, free_port
+from testkit.driver_process import DriverProcess, csi_stubs
+from testkit.ports import free_port
 from tests.pki import Pki
 from tests.requests import create_request, rpc_code
 

@@ -37,7 +37,7 @@ import yaml
 from csi_driver import DEFAULT_DRIVER_NAME
 from csi_driver.config import topology_key
 from csi_driver.proto import csi_pb2, csi_pb2_grpc, registration_pb2, registration_pb2_grpc
-from testkit.driver_process import free_port
+from testkit.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy" / "nodelocal-csi.yaml"

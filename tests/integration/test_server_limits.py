@@ -23,7 +23,8 @@ import grpc
 import pytest
 
 from csi_driver.proto import csi_pb2
-from testkit.driver_process import Csi, DriverProcess, csi_stubs, free_port
+from testkit.driver_process import Csi, DriverProcess, csi_stubs
+from testkit.ports import free_port
 from tests.h2raw import (
     ACK,
     GOAWAY,

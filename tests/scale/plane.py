@@ -38,8 +38,9 @@ import yaml
 from kubernetes import client, utils
 
 from csi_driver.proto import csi_pb2, csi_pb2_grpc
+from testkit.ports import free_port
 from tests.e2e import hoststate
-from tests.e2e.cluster import Binaries, Cluster, cache_dir, free_port, wait_for
+from tests.e2e.cluster import Binaries, Cluster, cache_dir, wait_for
 from tests.e2e.hoststate import Daemon
 from tests.e2e.kube import raw
 

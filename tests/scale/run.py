@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -628,7 +629,8 @@ class Run:
 def _delete_collection(call: Any, attempts: int = 20) -> None:
     """DeleteCollection of the workload namespace. With thousands of objects it can outlast
     the apiserver's request timeout (504, measured with 2,000 Pods), having deleted only part:
-    it is repeated until one call completes (objects already deleting are left as they are)."""
+    it is repeated, after a pause that lets the cut-off call's deletions land, until one call
+    completes or ``attempts`` did not (objects already deleting are left as they are)."""
     for attempt in range(attempts):
         try:
             call(WORKLOAD_NAMESPACE)
@@ -637,6 +639,7 @@ def _delete_collection(call: Any, attempts: int = 20) -> None:
             if exc.status != 504 or attempt == attempts - 1:
                 raise
             log(f"scale: delete collection timed out (504); again ({attempt + 1})")
+            time.sleep(10)
 
 
 def write_latency(text: str) -> dict[str, float]:
@@ -822,8 +825,10 @@ def main(argv: list[str] | None = None) -> int:
         help="where the logs of every process are kept",
     )
     args = parser.parse_args(argv)
-    if args.create_rate < 0:
+    if not math.isfinite(args.create_rate) or args.create_rate < 0:
         parser.error("--create-rate must be 0 (all at once) or a positive rate")
+    if args.pods < 1 or args.nodes < 1 or not args.timeout > 0:
+        parser.error("--nodes, --pods and --timeout must be positive")
     if args.create_rate and args.pods / args.create_rate >= args.timeout:
         parser.error("--timeout (counted from the first create) must exceed --pods / --create-rate")
     cfg = Config(

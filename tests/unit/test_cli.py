@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,6 @@ def test_the_kubelets_cgroup_root_is_kept_as_names() -> None:
     assert parse_config(["--node-id", "n"], env={}).kubelet_cgroup_root == ()
     cfg = parse_config(["--node-id", "n", "--kubelet-cgroup-root", "/edge.slice/"], env={})
     assert cfg.kubelet_cgroup_root == ("edge.slice",)
+    for names in (("/etc",), ("..",), ("a/b",)):
+        with pytest.raises(ValueError, match="cgroup"):
+            dataclasses.replace(cfg, kubelet_cgroup_root=names)

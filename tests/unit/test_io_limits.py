@@ -182,7 +182,27 @@ def test_the_pod_cgroup_is_found_for_both_drivers(
         # cgroupfs driver, cgroupRoot /nodelocal-e2e (the e2e lane's lvm node)
         (("nodelocal-e2e",), ("nodelocal-e2e", "kubepods", "besteffort", f"pod{UID}")),
         (("a", "b"), ("a", "b", "kubepods", f"pod{UID}")),
-        # systemd driver, cgroupRoot edge.slice: the children carry the slice's prefix
+        # systemd driver, cgroupRoot /edge: the kubelet makes it edge.slice, and /a/b-c
+        # a.slice/a-b_c.slice; the children carry the slice's prefix
+        (
+            ("edge",),
+            (
+                "edge.slice",
+                "edge-kubepods.slice",
+                "edge-kubepods-besteffort.slice",
+                f"edge-kubepods-besteffort-pod{UNDER}.slice",
+            ),
+        ),
+        (
+            ("a", "b-c"),
+            (
+                "a.slice",
+                "a-b_c.slice",
+                "a-b_c-kubepods.slice",
+                f"a-b_c-kubepods-pod{UNDER}.slice",
+            ),
+        ),
+        # systemd driver, cgroupRoot given as the slice it is
         (
             ("edge.slice",),
             (
@@ -209,7 +229,7 @@ def test_the_kubelet_cgroup_root_is_checked(value: str) -> None:
     if value in ("/", ""):
         assert cgroup_path(value) == ()
         return
-    with pytest.raises(ValueError, match="--kubelet-cgroup-root must be a path"):
+    with pytest.raises(ValueError, match="--kubelet-cgroup-root must be a path of at most 8"):
         cgroup_path(value)
 
 

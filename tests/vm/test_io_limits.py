@@ -112,7 +112,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture
-def driver(workdir: Path) -> Iterator[LvmDriver]:
+def armed_driver(workdir: Path) -> Iterator[LvmDriver]:
     """The driver, armed to be killed at its first publication with IO limits (each start in
     the emulated guest takes seconds: the test arms the next failpoint at each restart)."""
     driver = LvmDriver(
@@ -128,8 +128,8 @@ def driver(workdir: Path) -> Iterator[LvmDriver]:
 
 
 @pytest.fixture
-def csi(driver: LvmDriver) -> Iterator[Csi]:
-    with csi_stubs(driver.target) as stubs:
+def csi(armed_driver: LvmDriver) -> Iterator[Csi]:
+    with csi_stubs(armed_driver.target) as stubs:
         yield stubs
 
 
@@ -161,8 +161,9 @@ def within(rate: float, limit: int) -> bool:
 
 
 def test_a_write_limit_holds_follows_a_modification_and_goes_at_unpublish(
-    csi: Csi, driver: LvmDriver, pod: Pod, workdir: Path
+    csi: Csi, armed_driver: LvmDriver, pod: Pod, workdir: Path
 ) -> None:
+    driver = armed_driver
     context = {"csi.storage.k8s.io/pod.uid": pod.uid}
     plugins = workdir / "plugins" / "kubernetes.io" / "csi"
     made: list[str] = []
@@ -267,7 +268,8 @@ def test_a_write_limit_holds_follows_a_modification_and_goes_at_unpublish(
         assert line_of(pod.io_max(), dev) is None
         assert lines == pod.io_max().splitlines(), "the other volume's line must stay"
     finally:
-        if driver.env:  # a failure left it armed: clean up with a driver that is not
+        # a failure left it armed, or dead: clean up with a driver that is neither
+        if driver.env or driver.process is None or driver.process.poll() is not None:
             driver.env = {}
             driver.restart()
         for vid, path in reversed(published):

@@ -31,9 +31,9 @@ from testkit.driver_process import (
     DriverProcess,
     clean_up_host,
     csi_stubs,
-    free_port,
     mounts_under,
 )
+from testkit.ports import free_port
 from tests.requests import rpc_code
 
 if os.environ.get("CSI_VM_LANE") != "1":

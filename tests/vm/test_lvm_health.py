@@ -27,7 +27,8 @@ from csi_driver.proto import csi_pb2
 if os.environ.get("CSI_VM_LANE") != "1":
     pytest.skip("runs inside the real-kernel VM: scripts/test-vm.sh", allow_module_level=True)
 
-from testkit.driver_process import Csi, free_port
+from testkit.driver_process import Csi
+from testkit.ports import free_port
 from testkit.prometheus import Alert, Prometheus, render_rules
 from tests.requests import rpc_code
 from tests.vm.test_lvm_backend import (
