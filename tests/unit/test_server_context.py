@@ -95,7 +95,9 @@ def test_deadline_reaches_the_running_servicer(tmp_path: Path) -> None:
         assert servicer.ended.wait(5), "the callback runs when the deadline passes"
         assert time.monotonic() - start < 3
         assert servicer.seen["registered"] is True
-        assert 0 < servicer.seen["remaining"] <= 0.5
+        # the client's 0.5 s, as the server measures it from the header it got: never more
+        # than that but for the two clocks' reading order (measured: 0.50003 on a busy host)
+        assert 0 < servicer.seen["remaining"] <= 0.5 + 0.01
 
 
 def test_client_cancel_reaches_the_running_servicer(tmp_path: Path) -> None:

@@ -64,6 +64,7 @@ def test_metrics_scrape_matches_lvm2(node: Node, driver: LvmDriver) -> None:  # 
     node.create("metrics-thick", 32 * MiB, params={"deviceClass": "thick"})
     target = node.use(thin.volume_id, "metrics-pod")
 
+    before = pool()
     page = scrape(driver)
     vg, tp = vgs(), pool()
     assert one(page, "csi_driver_ready") == 1
@@ -74,10 +75,13 @@ def test_metrics_scrape_matches_lvm2(node: Node, driver: LvmDriver) -> None:  # 
     assert one(page, "csi_driver_volumes", device_class="thick") >= 1
     assert one(page, "csi_driver_capacity_allocated_bytes", device_class="thick") >= 32 * MiB
     data_before = one(page, "csi_driver_thinpool_data_used_ratio", device_class="thin")
-    # lvm2 prints percentages with two decimals
-    assert data_before == pytest.approx(float(tp["data_percent"]) / 100, abs=1e-4)
     meta = one(page, "csi_driver_thinpool_metadata_used_ratio", device_class="thin")
-    assert meta == pytest.approx(float(tp["metadata_percent"]) / 100, abs=1e-4)
+    # what lvm2 printed just before and just after the scrape (two decimals) brackets the
+    # driver's reading: the pool's metadata can still be settling from an earlier test's
+    # deletions (measured: 11.43 % at the scrape, 11.04 % a moment later)
+    for ratio, column in ((data_before, "data_percent"), (meta, "metadata_percent")):
+        low, high = sorted(float(r[column]) / 100 for r in (before, tp))
+        assert low - 1e-4 <= ratio <= high + 1e-4, (column, ratio, low, high)
 
     # the mounted thin volume is measured as NodeGetVolumeStats measures it
     vid = thin.volume_id
