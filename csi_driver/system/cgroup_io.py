@@ -14,9 +14,10 @@ Where the Pod's cgroup is. The kubelet makes one cgroup per Pod, below its QoS c
 * cgroupfs driver: ``kubepods/<qos>/pod<uid>``, or ``kubepods/pod<uid>``.
 
 A kubelet started with ``--cgroup-root`` puts the same tree below that cgroup: given it
-(``--kubelet-cgroup-root``), the fixed places are tried there first. After the fixed places, a
-bounded walk (depth, directories visited) looks below the kubelet's cgroup root and below
-directories whose names start with ``kubepods`` or ``kubelet``. The uid is checked to be a
+(``--kubelet-cgroup-root``), the fixed places are tried there, as given and as the systemd
+driver turns it into slices, before the hierarchy's root. After the fixed places, a bounded
+walk (depth, directories visited) from the same starts looks below directories named
+``kubepods*``, ``kubelet*`` or ``*-kubepods*``. The uid is checked to be a
 UUID before it is used in any name; the walk never follows a symbolic link, and every file is
 opened from its directory's descriptor with ``O_NOFOLLOW``, so nothing outside the cgroup root
 is touched.
@@ -136,6 +137,7 @@ class CgroupIo:
     def __init__(self, root: str = DEFAULT_ROOT, kubelet_root: tuple[str, ...] = ()) -> None:
         self.root = root
         self.kubelet_root = kubelet_root
+        self._starts = self._bases(kubelet_root)
 
     def problem(self) -> str | None:
         """Why IO limits cannot be set on this host, or None when they can."""
@@ -159,7 +161,7 @@ class CgroupIo:
         """The path of the Pod's cgroup directory, or None when there is none."""
         if not is_pod_uid(pod_uid):
             raise CgroupError(f"pod uid {pod_uid[:64]!r} is not a UUID")
-        for base in self._bases():
+        for base in self._starts:
             for relative in self._fixed_places(pod_uid):
                 if self._is_dir((*base, *relative)):
                     return os.path.join(self.root, *base, *relative)
@@ -194,12 +196,12 @@ class CgroupIo:
 
     # --- finding the Pod's cgroup ----------------------------------------------------------
 
-    def _bases(self) -> list[tuple[str, ...]]:
+    @staticmethod
+    def _bases(names: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
         """Where the kubelet's tree may start: below its --cgroup-root as given (cgroupfs
         driver), as the systemd driver turns it into slices (``/a/b``: ``a.slice/a-b.slice``,
         a dash in a name becoming an underscore), then the hierarchy's root."""
-        bases = []
-        names = self.kubelet_root
+        bases: list[tuple[str, ...]] = []
         if names:
             bases.append(names)
             if not any(name.endswith(".slice") for name in names):
@@ -208,7 +210,7 @@ class CgroupIo:
                     tuple("-".join(escaped[: i + 1]) + ".slice" for i in range(len(escaped)))
                 )
         bases.append(())
-        return bases
+        return tuple(bases)
 
     @staticmethod
     def _fixed_places(uid: str) -> list[tuple[str, ...]]:
@@ -226,11 +228,14 @@ class CgroupIo:
         """Breadth-first below the kubelet's cgroup root and kubepods*/kubelet* directories,
         bounded in depth (from where it starts) and in directories visited."""
         wanted = (f"pod{uid}", f"-pod{uid.replace('-', '_')}.slice")
-        queue: deque[tuple[tuple[str, ...], int]] = deque((base, 0) for base in self._bases())
+        # a start is checked for symlinks on its way; below it, scandir says what is a directory
+        queue: deque[tuple[tuple[str, ...], int]] = deque(
+            (start, 0) for start in self._starts if self._is_dir(start)
+        )
         seen: set[tuple[str, ...]] = set()
         while queue and len(seen) < WALK_DIRS:
             relative, depth = queue.popleft()
-            if relative in seen or not self._is_dir(relative):
+            if relative in seen:
                 continue
             seen.add(relative)
             try:

@@ -224,6 +224,15 @@ def test_the_pod_cgroup_is_found_below_the_kubelets_cgroup_root(
         assert CgroupIo(str(tmp_path)).pod_cgroup(UID) is None
 
 
+def test_a_kubelet_cgroup_root_that_is_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    elsewhere = tree(tmp_path, "elsewhere", "kubepods", "besteffort", f"pod{UID}")
+    (root / "edge").symlink_to(elsewhere.parents[2])
+    (root / "edge.slice").symlink_to(elsewhere.parents[2])
+    assert CgroupIo(str(root), ("edge",)).pod_cgroup(UID) is None
+
+
 @pytest.mark.parametrize("value", ["/", "", "x/../y", "a/./b", "/".join("a" * 9), "x\ny"])
 def test_the_kubelet_cgroup_root_is_checked(value: str) -> None:
     if value in ("/", ""):
